@@ -1,0 +1,2 @@
+//! `tollgate`: the one binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The node-local L7 proxy.
