@@ -3,3 +3,6 @@
 //!
 //! This crate does no I/O beyond parsing bytes it is handed and has no async runtime, so the
 //! proxy, the agent and the CLI all share exactly one definition of what a policy means.
+
+pub mod api;
+pub mod yaml;
