@@ -94,7 +94,7 @@ pub struct LabelSelectorRequirement {
 
 /// A YAML scalar used where Kubernetes wants a string: `port: 80` and `port: "80"` are the
 /// same, and so are `app: true` and `app: "true"` in matchLabels.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StringLike(pub String);
 
 impl<'de> Deserialize<'de> for StringLike {

@@ -1,0 +1,257 @@
+//! Endpoints (pods, or "pods" on a plain host) and numeric identities.
+//!
+//! An endpoint inventory file lists the workloads tollgate protects when there is no
+//! Kubernetes API (directory mode, tests, `tollgate eval`):
+//!
+//! ```yaml
+//! endpoints:
+//!   - {name: frontend, namespace: prod, labels: {app: frontend}, ips: [10.0.0.1]}
+//!   - {name: api, namespace: prod, labels: {app: api}, ips: [10.0.0.2], ports: {http: 8080}}
+//! namespaces:                       # optional: namespace labels for namespace selectors
+//!   - {name: prod, labels: {env: prod}}
+//! ```
+//!
+//! A bare list of endpoints is accepted too. Identities are numbers for label sets; reserved
+//! identities keep Cilium's numbers, others are allocated from 256 upwards in order of first
+//! sight, so the same inventory always yields the same numbers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::labels::{Label, LabelSet, pod_labels};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Named container ports (`http: 8080`) for named-port rules.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    pub service_account: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryFile {
+    #[serde(default)]
+    endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    namespaces: Vec<NamespaceSpec>,
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<String>,
+    #[serde(rename = "kind")]
+    _kind: Option<String>,
+}
+
+/// Reserved identities (Cilium's numbers).
+pub mod reserved {
+    pub const HOST: u32 = 1;
+    pub const WORLD: u32 = 2;
+    pub const UNMANAGED: u32 = 3;
+    pub const HEALTH: u32 = 4;
+    pub const INIT: u32 = 5;
+    pub const REMOTE_NODE: u32 = 6;
+    pub const KUBE_APISERVER: u32 = 7;
+    pub const INGRESS: u32 = 8;
+    /// First identity allocated for label sets.
+    pub const FIRST_LOCAL: u32 = 256;
+}
+
+/// An endpoint with its derived labels and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub spec: EndpointSpec,
+    pub labels: LabelSet,
+    pub identity: u32,
+}
+
+/// Label set → identity allocation, stable for a given order of first sight.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityAllocator {
+    by_labels: HashMap<LabelSet, u32>,
+    next: u32,
+}
+
+impl IdentityAllocator {
+    pub fn allocate(&mut self, labels: &LabelSet) -> u32 {
+        if let Some(id) = self.by_labels.get(labels) {
+            return *id;
+        }
+        if self.next < reserved::FIRST_LOCAL {
+            self.next = reserved::FIRST_LOCAL;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.by_labels.insert(labels.clone(), id);
+        id
+    }
+}
+
+/// The endpoints tollgate knows, with lookups by name and by IP.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub endpoints: Vec<Endpoint>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("{0}")]
+    Yaml(#[from] crate::yaml::YamlError),
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Inventory {
+    /// Parse an inventory document (see the module docs).
+    pub fn from_yaml(src: &str) -> Result<Inventory, InventoryError> {
+        let docs = crate::yaml::parse_documents(src)?;
+        let mut file = InventoryFile::default();
+        for doc in docs {
+            let part: InventoryFile = if doc.value.is_array() {
+                let endpoints = from_value_at(&doc, doc.value.clone())?;
+                InventoryFile {
+                    endpoints,
+                    ..Default::default()
+                }
+            } else {
+                from_value_at(&doc, doc.value.clone())?
+            };
+            file.endpoints.extend(part.endpoints);
+            file.namespaces.extend(part.namespaces);
+        }
+        Inventory::new(file.endpoints, file.namespaces).map_err(|message| InventoryError::Invalid {
+            path: "endpoints".to_string(),
+            message,
+        })
+    }
+
+    pub fn new(specs: Vec<EndpointSpec>, namespaces: Vec<NamespaceSpec>) -> Result<Self, String> {
+        let mut inv = Inventory {
+            namespaces: namespaces.into_iter().map(|n| (n.name, n.labels)).collect(),
+            ..Default::default()
+        };
+        let mut alloc = IdentityAllocator::default();
+        for spec in specs {
+            if inv.by_name(&spec.name).is_some() {
+                return Err(format!("duplicate endpoint name `{}`", spec.name));
+            }
+            let empty = BTreeMap::new();
+            let ns_labels = inv.namespaces.get(&spec.namespace).unwrap_or(&empty);
+            let labels = pod_labels(
+                &spec.namespace,
+                &spec.labels,
+                ns_labels,
+                spec.service_account.as_deref(),
+            );
+            let identity = alloc.allocate(&labels);
+            let idx = inv.endpoints.len();
+            for ip in &spec.ips {
+                if let Some(other) = inv.by_ip.insert(*ip, idx) {
+                    return Err(format!(
+                        "IP {ip} is used by both `{}` and `{}`",
+                        inv.endpoints[other].spec.name, spec.name
+                    ));
+                }
+            }
+            inv.endpoints.push(Endpoint {
+                spec,
+                labels,
+                identity,
+            });
+        }
+        Ok(inv)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.spec.name == name)
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
+        self.by_ip.get(&ip).map(|i| &self.endpoints[*i])
+    }
+}
+
+fn from_value_at<T: serde::de::DeserializeOwned>(
+    doc: &crate::yaml::Document,
+    v: serde_json::Value,
+) -> Result<T, InventoryError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        InventoryError::Invalid {
+            message: format!("line {}: {}", doc.line_of(&path), e.inner()),
+            path,
+        }
+    })
+}
+
+/// The labels of a reserved peer (`host`, `world`, …).
+pub fn reserved_labels(name: &str) -> LabelSet {
+    LabelSet::new(vec![Label::new("reserved", name, "")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_allocates_stable_identities_and_indexes_ips() {
+        let inv = Inventory::from_yaml(
+            "endpoints:\n- {name: a, namespace: prod, labels: {app: x}, ips: [10.0.0.1]}\n- {name: b, namespace: prod, labels: {app: x}, ips: [10.0.0.2]}\n- {name: c, labels: {app: y}}\n",
+        )
+        .unwrap();
+        assert_eq!(inv.by_name("a").unwrap().identity, 256);
+        assert_eq!(
+            inv.by_name("b").unwrap().identity,
+            256,
+            "same labels, same identity"
+        );
+        assert_eq!(inv.by_name("c").unwrap().identity, 257);
+        assert_eq!(inv.by_name("c").unwrap().spec.namespace, "default");
+        assert_eq!(
+            inv.by_ip("10.0.0.2".parse().unwrap()).unwrap().spec.name,
+            "b"
+        );
+    }
+
+    #[test]
+    fn bare_list_is_accepted_and_errors_name_the_field() {
+        assert!(Inventory::from_yaml("- {name: a}\n").is_ok());
+        let err = Inventory::from_yaml("endpoints:\n- {name: a, lables: {}}\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `lables`"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_ips_are_rejected() {
+        let err =
+            Inventory::from_yaml("- {name: a, ips: [10.0.0.1]}\n- {name: b, ips: [10.0.0.1]}\n")
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "endpoints: IP 10.0.0.1 is used by both `a` and `b`"
+        );
+    }
+}

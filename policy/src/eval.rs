@@ -1,0 +1,558 @@
+//! The evaluator: the single source of truth for "is this flow / request allowed, and by what".
+//!
+//! Evaluation has two steps. [`Evaluator::port_policy`] gathers, for one local endpoint,
+//! direction, port and protocol, every entry of every rule that selects the endpoint (work that
+//! does not depend on the remote peer or the request, so the proxy does it once per listener
+//! key). [`PortPolicy::evaluate`] then decides one flow or request:
+//!
+//! 1. a direction no rule has entries for is not enforced: allowed;
+//! 2. an L3/L4 deny entry matching the peer and port denies (deny beats allow, §5.2);
+//! 3. no allow entry matching: denied if any selecting rule is default-deny, else allowed;
+//! 4. with an L7 request: a matching TollgatePolicy L7 deny rule denies; an entry without
+//!    allow rules (L4-only, `http: []`, visibility-only from `enableDefaultDeny: false`, or
+//!    only deny rules) allows everything else (§6.3–§6.7); otherwise some allow rule must match.
+//!
+//! Enforce-mode rules decide; audit-mode rules are evaluated together with them afterwards, and
+//! a denial that only exists with them becomes `AuditDeny` (docs/policy-model.md).
+
+use std::sync::Arc;
+
+use crate::api::{Enforcement, RuleAction};
+use crate::l7;
+use crate::labels::LabelSet;
+use crate::model::{
+    CompiledRule, Direction, Entry, L7, PolicyId, PolicyMeta, PortRule, Protocol, Subject,
+};
+use crate::peer::{PeerMatch, Remote, RemoteKind};
+
+/// An L7 request, as the proxy parsed it or the CLI was told.
+#[derive(Debug, Clone)]
+pub enum L7Request<'a> {
+    /// HTTP, and gRPC calls (which are HTTP/2 requests: `grpc` is set when the request is one).
+    Http {
+        request: l7::HttpRequest<'a>,
+        grpc: Option<l7::GrpcCall<'a>>,
+    },
+    Kafka(l7::KafkaRequest<'a>),
+    Dns {
+        qname: &'a str,
+    },
+    /// A TLS connection's ClientHello (SNI checks of `serverNames`).
+    Tls {
+        sni: Option<&'a str>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    Allow,
+    Deny,
+    /// Forwarded, but an audit-mode policy would have denied it.
+    AuditDeny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::AuditDeny => "audit-deny",
+        }
+    }
+}
+
+/// Why a verdict was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// No rule selects the endpoint for this direction.
+    NotEnforced,
+    /// Only default-allow (`enableDefaultDeny: false`) rules select it and none matched.
+    DefaultAllow,
+    /// Ingress from the local host into an endpoint (Kubernetes `allow-localhost`, §5.1).
+    HostAllowed,
+    /// An L3/L4 allow entry matched and no L7 rule restricts the request.
+    L4Allow,
+    /// An L7 allow rule matched.
+    L7Allow,
+    /// An L3/L4 deny entry matched.
+    DenyRule,
+    /// Default deny: no allow entry matched.
+    DefaultDeny,
+    /// A TollgatePolicy L7 deny rule matched.
+    L7DenyRule,
+    /// L7 rules apply and none allowed the request.
+    L7NoMatch,
+}
+
+impl Reason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::NotEnforced => "no policy selects the endpoint in this direction",
+            Reason::DefaultAllow => "default allow (enableDefaultDeny: false)",
+            Reason::HostAllowed => {
+                "ingress from the local host is always allowed (allow-localhost)"
+            }
+            Reason::L4Allow => "allowed at L3/L4",
+            Reason::L7Allow => "allowed by an L7 rule",
+            Reason::DenyRule => "denied by a deny rule",
+            Reason::DefaultDeny => "default deny: no rule allows it",
+            Reason::L7DenyRule => "denied by an L7 deny rule",
+            Reason::L7NoMatch => "no L7 rule matched",
+        }
+    }
+}
+
+/// The outcome of one evaluation, with attribution.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub reason: Reason,
+    pub direction: Direction,
+    /// The policy that decided (for default deny: a policy that made the endpoint default-deny).
+    pub policy: Option<PolicyId>,
+    /// The rule path inside that policy (`spec.ingress[0].toPorts[0].rules.http[2]`).
+    pub rule: Option<String>,
+    pub enforcement: Enforcement,
+    /// The `log.value` tag of the deciding rule.
+    pub log: Option<String>,
+    /// Topics a Kafka request was denied for (when known).
+    pub denied_topics: Vec<String>,
+}
+
+impl Verdict {
+    fn new(decision: Decision, reason: Reason, direction: Direction) -> Verdict {
+        Verdict {
+            decision,
+            reason,
+            direction,
+            policy: None,
+            rule: None,
+            enforcement: Enforcement::Enforce,
+            log: None,
+            denied_topics: Vec::new(),
+        }
+    }
+
+    fn by(mut self, c: &Candidate, rule: Option<String>) -> Verdict {
+        self.policy = Some(c.policy.id.clone());
+        self.rule = rule;
+        self.enforcement = c.enforcement;
+        self.log = c.log.clone();
+        self
+    }
+
+    /// `prod/api-l7 spec.ingress[0].toPorts[0].rules.http[0]`, or `default deny by prod/api`.
+    pub fn rule_ref(&self) -> Option<String> {
+        let p = self.policy.as_ref()?;
+        Some(match &self.rule {
+            Some(r) => format!("{p} {r}"),
+            None => p.to_string(),
+        })
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        self.decision != Decision::Deny
+    }
+}
+
+/// One entry of a rule, relevant to a port: everything needed to decide without the rule.
+#[derive(Debug, Clone)]
+struct Candidate {
+    policy: Arc<PolicyMeta>,
+    enforcement: Enforcement,
+    log: Option<String>,
+    deny: bool,
+    entry_path: String,
+    peer: PeerMatch,
+    /// `None`: an L3-only entry (every port).
+    port_rule: Option<PortRule>,
+    /// From a default-allow rule: its L7 rules only observe (§6.7).
+    visibility_only: bool,
+}
+
+/// Rules that made a direction enforced / default-deny, per layer.
+#[derive(Debug, Clone, Default)]
+struct LayerInfo {
+    enforced: bool,
+    default_deny_by: Option<(Arc<PolicyMeta>, String, Enforcement, Option<String>)>,
+}
+
+/// Everything that can decide flows of one (endpoint, direction, port, protocol).
+#[derive(Debug, Clone)]
+pub struct PortPolicy {
+    pub direction: Direction,
+    pub port: u16,
+    pub protocol: Protocol,
+    local_named_ports: Vec<(String, u16)>,
+    local_is_host: bool,
+    candidates: Vec<Candidate>,
+    /// [enforce only, enforce + audit]
+    layers: [LayerInfo; 2],
+    has_audit: bool,
+}
+
+/// The compiled policy of a node: all valid rules.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluator {
+    rules: Vec<CompiledRule>,
+}
+
+/// The local side of a flow: the endpoint the policy is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Local<'a> {
+    pub labels: &'a LabelSet,
+    pub is_host: bool,
+    pub named_ports: &'a [(String, u16)],
+}
+
+impl Evaluator {
+    pub fn new(rules: Vec<CompiledRule>) -> Evaluator {
+        Evaluator { rules }
+    }
+
+    pub fn rules(&self) -> &[CompiledRule] {
+        &self.rules
+    }
+
+    fn selects(rule: &CompiledRule, local: &Local<'_>) -> bool {
+        match &rule.subject {
+            Subject::Endpoints(s) => !local.is_host && s.matches(local.labels),
+            Subject::Nodes(s) => local.is_host && s.matches(local.labels),
+        }
+    }
+
+    /// Gather what decides flows of `local` in `direction` to/from `port`/`protocol`.
+    pub fn port_policy(
+        &self,
+        local: &Local<'_>,
+        direction: Direction,
+        port: u16,
+        protocol: Protocol,
+    ) -> PortPolicy {
+        let mut pp = PortPolicy {
+            direction,
+            port,
+            protocol,
+            local_named_ports: local.named_ports.to_vec(),
+            local_is_host: local.is_host,
+            candidates: Vec::new(),
+            layers: Default::default(),
+            has_audit: false,
+        };
+        for rule in self.rules.iter().filter(|r| Self::selects(r, local)) {
+            let d = rule.direction(direction);
+            if !d.enforced {
+                continue;
+            }
+            let audit = rule.enforcement == Enforcement::Audit;
+            pp.has_audit |= audit;
+            for (i, layer) in pp.layers.iter_mut().enumerate() {
+                if audit && i == 0 {
+                    continue;
+                }
+                layer.enforced = true;
+                if d.default_deny && layer.default_deny_by.is_none() {
+                    layer.default_deny_by = Some((
+                        rule.policy.clone(),
+                        rule.path.clone(),
+                        rule.enforcement,
+                        rule.log.clone(),
+                    ));
+                }
+            }
+            let visibility_only = !d.default_deny;
+            for (deny, entries) in [(true, &d.deny), (false, &d.allow)] {
+                for e in entries {
+                    pp.add_entry(rule, e, deny, visibility_only);
+                }
+            }
+        }
+        pp
+    }
+
+    /// Decide one flow or request.
+    pub fn evaluate(
+        &self,
+        local: &Local<'_>,
+        direction: Direction,
+        remote: &Remote,
+        port: u16,
+        protocol: Protocol,
+        request: Option<&L7Request<'_>>,
+    ) -> Verdict {
+        self.port_policy(local, direction, port, protocol)
+            .evaluate(remote, request)
+    }
+}
+
+impl PortPolicy {
+    fn add_entry(&mut self, rule: &CompiledRule, e: &Entry, deny: bool, visibility_only: bool) {
+        let base = Candidate {
+            policy: rule.policy.clone(),
+            enforcement: rule.enforcement,
+            log: rule.log.clone(),
+            deny,
+            entry_path: e.path.clone(),
+            peer: e.peer.clone(),
+            port_rule: None,
+            visibility_only,
+        };
+        match &e.ports {
+            None => self.candidates.push(base),
+            Some(prs) => {
+                for pr in prs {
+                    // Numeric ports can be checked now; named ports need the peer (egress).
+                    let maybe = pr.ports.is_empty()
+                        || pr
+                            .ports
+                            .iter()
+                            .any(|p| p.matches(self.port, self.protocol, &|_| Some(self.port)));
+                    if maybe {
+                        self.candidates.push(Candidate {
+                            port_rule: Some(pr.clone()),
+                            ..base.clone()
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when some entry on this port carries L7 rules (the flow goes through the proxy).
+    pub fn has_l7(&self) -> bool {
+        self.candidates.iter().any(|c| {
+            c.port_rule
+                .as_ref()
+                .is_some_and(|p| !matches!(p.l7, L7::None))
+        })
+    }
+
+    fn port_matches(&self, c: &Candidate, remote: &Remote) -> bool {
+        let Some(pr) = &c.port_rule else { return true };
+        let named_ports = match self.direction {
+            Direction::Ingress => &self.local_named_ports,
+            Direction::Egress => &remote.named_ports,
+        };
+        let named = |n: &str| {
+            named_ports
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| *v)
+        };
+        pr.matches(self.port, self.protocol, &named)
+    }
+
+    fn sni_matches(c: &Candidate, request: Option<&L7Request<'_>>) -> bool {
+        let Some(pr) = &c.port_rule else { return true };
+        if pr.server_names.is_empty() {
+            return true;
+        }
+        match request {
+            Some(L7Request::Tls { sni: Some(sni) }) => {
+                pr.server_names.iter().any(|p| p.matches(sni))
+            }
+            _ => false,
+        }
+    }
+
+    /// Decide one flow (`request: None`: an L3/L4 connection check) or one L7 request.
+    pub fn evaluate(&self, remote: &Remote, request: Option<&L7Request<'_>>) -> Verdict {
+        let enforce = self.evaluate_layer(0, remote, request);
+        if enforce.decision == Decision::Deny || !self.has_audit {
+            return enforce;
+        }
+        let with_audit = self.evaluate_layer(1, remote, request);
+        if with_audit.decision == Decision::Deny {
+            return Verdict {
+                decision: Decision::AuditDeny,
+                ..with_audit
+            };
+        }
+        enforce
+    }
+
+    fn evaluate_layer(
+        &self,
+        layer: usize,
+        remote: &Remote,
+        request: Option<&L7Request<'_>>,
+    ) -> Verdict {
+        let info = &self.layers[layer];
+        let dir = self.direction;
+        if !info.enforced {
+            return Verdict::new(Decision::Allow, Reason::NotEnforced, dir);
+        }
+        let in_layer = |c: &&Candidate| layer == 1 || c.enforcement == Enforcement::Enforce;
+        let matching: Vec<&Candidate> = self
+            .candidates
+            .iter()
+            .filter(in_layer)
+            .filter(|c| c.peer.matches(remote) && self.port_matches(c, remote))
+            .collect();
+        if let Some(c) = matching.iter().find(|c| c.deny) {
+            let path = c
+                .port_rule
+                .as_ref()
+                .map(|p| p.path.clone())
+                .unwrap_or_else(|| c.entry_path.clone());
+            return Verdict::new(Decision::Deny, Reason::DenyRule, dir).by(c, Some(path));
+        }
+        if dir == Direction::Ingress && remote.kind == RemoteKind::Host && !self.local_is_host {
+            return Verdict::new(Decision::Allow, Reason::HostAllowed, dir);
+        }
+        let allows: Vec<&Candidate> = matching
+            .into_iter()
+            .filter(|c| !c.deny && Self::sni_matches(c, request))
+            .collect();
+        if allows.is_empty() {
+            return match &info.default_deny_by {
+                Some((policy, path, enforcement, log)) => Verdict {
+                    policy: Some(policy.id.clone()),
+                    rule: Some(format!("{path}.{}", dir.as_str())),
+                    enforcement: *enforcement,
+                    log: log.clone(),
+                    ..Verdict::new(Decision::Deny, Reason::DefaultDeny, dir)
+                },
+                None => Verdict::new(Decision::Allow, Reason::DefaultAllow, dir),
+            };
+        }
+        let l4_path = |c: &Candidate| {
+            c.port_rule
+                .as_ref()
+                .map(|p| p.path.clone())
+                .unwrap_or_else(|| c.entry_path.clone())
+        };
+        let Some(request) = request.filter(|r| !matches!(r, L7Request::Tls { .. })) else {
+            let c = allows[0];
+            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(l4_path(c)));
+        };
+        self.evaluate_l7(&allows, request, dir)
+    }
+
+    fn evaluate_l7(
+        &self,
+        allows: &[&Candidate],
+        request: &L7Request<'_>,
+        dir: Direction,
+    ) -> Verdict {
+        // 1. Deny rules from any entry that applies.
+        let mut hits = Vec::new();
+        for c in allows {
+            let l7 = l7_of(c);
+            hits.clear();
+            let rules = match_l7(l7, request, &mut hits);
+            if let Some(rules) = rules
+                && let Some(&i) = hits.iter().find(|&&i| rules[i].1 == RuleAction::Deny)
+            {
+                return Verdict::new(Decision::Deny, Reason::L7DenyRule, dir)
+                    .by(c, Some(rules[i].0.clone()));
+            }
+        }
+        // 2. An entry without allow rules allows everything else.
+        if let Some(c) = allows.iter().find(|c| {
+            c.visibility_only
+                || match l7_of(c) {
+                    L7::None => true,
+                    L7::Http(l) => !l.has_allow_rules(),
+                    L7::Grpc(l) => !l.has_allow_rules(),
+                    L7::Kafka(l) => !l.has_allow_rules(),
+                    L7::Dns(l) => !l.has_allow_rules(),
+                }
+        }) {
+            let path = c
+                .port_rule
+                .as_ref()
+                .map(|p| p.path.clone())
+                .unwrap_or_else(|| c.entry_path.clone());
+            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(path));
+        }
+        // 3. Kafka: the topic set cover spans every applicable entry (§8.3).
+        if let L7Request::Kafka(kreq) = request {
+            return kafka_cover(allows, kreq, dir);
+        }
+        // 4. Any allow rule.
+        for c in allows {
+            hits.clear();
+            if let Some(rules) = match_l7(l7_of(c), request, &mut hits)
+                && let Some(&i) = hits.iter().find(|&&i| rules[i].1 == RuleAction::Allow)
+            {
+                return Verdict::new(Decision::Allow, Reason::L7Allow, dir)
+                    .by(c, Some(rules[i].0.clone()));
+            }
+        }
+        let c = allows[0];
+        let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
+        Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path)
+    }
+}
+
+fn l7_of(c: &Candidate) -> &L7 {
+    c.port_rule.as_ref().map(|p| &p.l7).unwrap_or(&L7::None)
+}
+
+/// Run the rules of `l7` that understand `request`; push matching rule indices into `hits` and
+/// return the rule metadata they index, or `None` when `l7` cannot judge this request.
+fn match_l7<'l>(
+    l7: &'l L7,
+    request: &L7Request<'_>,
+    hits: &mut Vec<usize>,
+) -> Option<&'l [(String, RuleAction)]> {
+    match (l7, request) {
+        (L7::Http(l), L7Request::Http { request, .. }) => {
+            l.set.matching(request, hits);
+            Some(&l.rules)
+        }
+        (
+            L7::Grpc(l),
+            L7Request::Http {
+                grpc: Some(call), ..
+            },
+        ) => {
+            l.set.matching(call, hits);
+            Some(&l.rules)
+        }
+        (L7::Dns(l), L7Request::Dns { qname }) => {
+            hits.extend(l.set.first_match(qname));
+            Some(&l.rules)
+        }
+        (L7::Kafka(l), L7Request::Kafka(req)) => {
+            // Deny rules only here; allow rules need the cross-entry set cover.
+            let out = l.set.evaluate(req);
+            hits.extend(out.deny_rule);
+            Some(&l.rules)
+        }
+        _ => None,
+    }
+}
+
+fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction) -> Verdict {
+    let mut compiled = Vec::new();
+    let mut origin: Vec<(&Candidate, String)> = Vec::new();
+    for c in allows {
+        if let Some(PortRule {
+            l7: L7::Kafka(l), ..
+        }) = &c.port_rule
+        {
+            for (i, r) in l.set.rules().iter().enumerate() {
+                compiled.push(r.clone());
+                origin.push((c, l.rules[i].0.clone()));
+            }
+        }
+    }
+    let set = l7::KafkaRuleSet::new(compiled);
+    let out = set.evaluate(req);
+    if out.allowed {
+        let (c, path) = match out.allow_rules.first() {
+            Some(&i) => (origin[i].0, Some(origin[i].1.clone())),
+            None => (allows[0], None),
+        };
+        return Verdict::new(Decision::Allow, Reason::L7Allow, dir).by(c, path);
+    }
+    let c = allows[0];
+    let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
+    let mut v = Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path);
+    v.denied_topics = out.uncovered_topics.iter().map(|t| t.to_string()).collect();
+    v
+}
