@@ -6,6 +6,7 @@
 //! [`crate::model`] for what happens to the broken ones), and [`PolicySet::rejected`] says which
 //! were rejected.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -50,6 +51,8 @@ pub struct PolicySet {
     pub diagnostics: Vec<Diagnostic>,
     /// Documents that are not policies (e.g. `PolicyTest`), as `file:line: kind`.
     pub skipped: Vec<String>,
+    /// Index into `policies`, for duplicate detection in O(1).
+    by_id: HashMap<PolicyId, usize>,
 }
 
 impl PolicySet {
@@ -187,7 +190,7 @@ impl PolicySet {
             name,
         };
         let policy_name = id.to_string();
-        if let Some(prev) = self.policies.iter().find(|p| p.id == id) {
+        if let Some(prev) = self.by_id.get(&id).map(|i| &self.policies[*i]) {
             errs.push((
                 "metadata.name".to_string(),
                 format!(
@@ -263,6 +266,7 @@ impl PolicySet {
                 self.rules.push(r);
             }
         }
+        self.by_id.insert(policy.id.clone(), self.policies.len());
         self.policies.push(policy);
         self.diagnostics.extend(diag(errs, Some(policy_name)));
     }
