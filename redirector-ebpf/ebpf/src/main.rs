@@ -55,6 +55,11 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const NS_PER_SEC: u64 = 1_000_000_000;
+const MAX_IPV6_EXT: usize = 4;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
 
 /// The L3/L4 facts of one packet.
 struct Packet {
@@ -101,6 +106,7 @@ fn count(slot: u32, bytes: u32) {
     }
 }
 
+#[inline(never)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
     let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
     let mut p = Packet {
@@ -130,13 +136,42 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         p.family = family::V4;
         l4 = ETH_HLEN + ihl;
     } else if eth_proto == ETH_P_IPV6 {
-        p.protocol = ctx.load(ETH_HLEN + 6).ok()?;
         p.saddr = ctx.load(ETH_HLEN + 8).ok()?;
         p.daddr = ctx.load(ETH_HLEN + 24).ok()?;
         p.family = family::V6;
-        l4 = ETH_HLEN + 40;
+        let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        let mut off = ETH_HLEN + 40;
+        // Walk (a bounded number of) extension headers to the transport header.
+        let mut i = 0;
+        while i < MAX_IPV6_EXT {
+            match next {
+                IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                    let hdr: [u8; 2] = ctx.load(off).ok()?;
+                    next = hdr[0];
+                    off += (usize::from(hdr[1]) + 1) * 8;
+                }
+                IPV6_FRAGMENT => {
+                    let hdr: [u8; 4] = ctx.load(off).ok()?;
+                    next = hdr[0];
+                    first_fragment = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 == 0;
+                    off += 8;
+                }
+                _ => break,
+            }
+            i += 1;
+        }
+        p.protocol = next;
+        l4 = off;
     } else {
         return None;
+    }
+    if p.protocol == proto::ICMPV6 {
+        // Neighbour discovery and multicast listener messages are the link working, not flows:
+        // without them no IPv6 flow could be allowed at all.
+        let icmp_type: u8 = ctx.load(l4).ok()?;
+        if (130..=137).contains(&icmp_type) || icmp_type == 143 {
+            return None;
+        }
     }
     if first_fragment && (p.protocol == proto::TCP || p.protocol == proto::UDP) {
         let ports: [u8; 4] = ctx.load(l4).ok()?;
@@ -169,6 +204,7 @@ fn rank(v: u8) -> u8 {
 
 /// Resolves (endpoint, remote, port, proto, dir) with four exact lookups. Returns the verdict,
 /// the proxy port, and the drop reason when the verdict is a deny.
+#[inline(never)]
 fn decide(ep: &EndpointInfo, remote: u32, p: &Packet, dir: u8) -> (u8, u16, u8) {
     let keys = [
         (remote, p.dport, p.protocol),
@@ -210,7 +246,22 @@ fn decide(ep: &EndpointInfo, remote: u32, p: &Packet, dir: u8) -> (u8, u16, u8) 
     }
 }
 
-fn emit(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, remote: u32, dir: u8, why: u8) {
+/// Remote identity, direction and reason of an event, bundled because BPF calls take at most
+/// five arguments.
+#[derive(Clone, Copy)]
+struct Why {
+    remote: u32,
+    dir: u8,
+    reason: u8,
+}
+
+#[inline(never)]
+fn emit(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, why: &Why) {
+    let Why {
+        remote,
+        dir,
+        reason: why,
+    } = *why;
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, remote)
     } else {
@@ -339,14 +390,32 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
             v = verdict::ALLOW;
         } else {
             count(counter::PROXY_UNAVAILABLE, len);
-            emit(ctx, &p, &ep, remote, dir, reason::PROXY_UNAVAILABLE);
+            emit(
+                ctx,
+                &p,
+                &ep,
+                &Why {
+                    remote,
+                    dir,
+                    reason: reason::PROXY_UNAVAILABLE,
+                },
+            );
             return TC_ACT_SHOT as i32;
         }
     }
     match v {
         verdict::DENY => {
             count(counter::DENIED, len);
-            emit(ctx, &p, &ep, remote, dir, why);
+            emit(
+                ctx,
+                &p,
+                &ep,
+                &Why {
+                    remote,
+                    dir,
+                    reason: why,
+                },
+            );
             TC_ACT_SHOT as i32
         }
         _ => {
@@ -363,7 +432,16 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
                 verdict::REDIRECT => redirect(ctx, &p, &ep, &cfg, proxy_port),
                 verdict::AUDIT => {
                     count(counter::AUDITED, len);
-                    emit(ctx, &p, &ep, remote, dir, reason::AUDIT);
+                    emit(
+                        ctx,
+                        &p,
+                        &ep,
+                        &Why {
+                            remote,
+                            dir,
+                            reason: reason::AUDIT,
+                        },
+                    );
                     TC_ACT_OK as i32
                 }
                 _ => {
@@ -375,7 +453,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-fn tuple_of(p: &Packet, daddr: &[u8; 16], dport: u16) -> (bpf_sock_tuple, u32) {
+fn tuple_of(p: &Packet, daddr: &[u8; 16], dport: u16) -> bpf_sock_tuple {
     // SAFETY: all-zero is a valid tuple.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     if p.family == family::V4 {
@@ -385,7 +463,7 @@ fn tuple_of(p: &Packet, daddr: &[u8; 16], dport: u16) -> (bpf_sock_tuple, u32) {
             u32::from_ne_bytes([daddr[0], daddr[1], daddr[2], daddr[3]]);
         t.__bindgen_anon_1.ipv4.sport = p.sport.to_be();
         t.__bindgen_anon_1.ipv4.dport = dport.to_be();
-        (t, 12)
+        t
     } else {
         let mut s = [0u32; 4];
         let mut d = [0u32; 4];
@@ -409,19 +487,29 @@ fn tuple_of(p: &Packet, daddr: &[u8; 16], dport: u16) -> (bpf_sock_tuple, u32) {
         t.__bindgen_anon_1.ipv6.daddr = d;
         t.__bindgen_anon_1.ipv6.sport = p.sport.to_be();
         t.__bindgen_anon_1.ipv6.dport = dport.to_be();
-        (t, 36)
+        t
     }
 }
 
 /// Hands the packet to the proxy: the flow's own socket when the proxy already accepted it,
 /// else the transparent listener on `proxy_port`.
+/// Size of the tuple for the packet's family. Computed right at each helper call (never kept in
+/// a variable across code) so that the verifier sees a constant on each branch.
+#[inline(always)]
+fn tuple_size(p: &Packet) -> u32 {
+    if p.family == family::V4 { 12 } else { 36 }
+}
+
+#[inline(never)]
 fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_port: u16) -> i32 {
     let skb = ctx.skb.skb.cast();
     let mut sk: *mut bpf_sock = core::ptr::null_mut();
     if p.protocol == proto::TCP {
-        let (mut t, size) = tuple_of(p, &p.daddr, p.dport);
+        let mut t = tuple_of(p, &p.daddr, p.dport);
         // SAFETY: valid context and tuple; the returned reference is released below.
-        let found = unsafe { bpf_skc_lookup_tcp(skb, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0) };
+        let found = unsafe {
+            bpf_skc_lookup_tcp(skb, &mut t, tuple_size(p), BPF_F_CURRENT_NETNS as u64, 0)
+        };
         if !found.is_null() {
             // SAFETY: non-null socket reference from the lookup.
             if unsafe { (*found).state } != BPF_TCP_LISTEN {
@@ -439,13 +527,13 @@ fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_
         } else {
             proxy = cfg.proxy_v6;
         }
-        let (mut t, size) = tuple_of(p, &proxy, proxy_port);
+        let mut t = tuple_of(p, &proxy, proxy_port);
         // SAFETY: as above.
         sk = unsafe {
             if p.protocol == proto::TCP {
-                bpf_skc_lookup_tcp(skb, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+                bpf_skc_lookup_tcp(skb, &mut t, tuple_size(p), BPF_F_CURRENT_NETNS as u64, 0)
             } else {
-                bpf_sk_lookup_udp(skb, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+                bpf_sk_lookup_udp(skb, &mut t, tuple_size(p), BPF_F_CURRENT_NETNS as u64, 0)
             }
         };
         if sk.is_null() {
@@ -475,14 +563,12 @@ fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_
 fn proxy_unavailable(ctx: &TcContext, p: &Packet, ep: &EndpointInfo) -> i32 {
     count(counter::PROXY_UNAVAILABLE, p.len);
     let remote = ipcache(p.family, &p.daddr);
-    emit(
-        ctx,
-        p,
-        ep,
+    let why = Why {
         remote,
-        direction::EGRESS,
-        reason::PROXY_UNAVAILABLE,
-    );
+        dir: direction::EGRESS,
+        reason: reason::PROXY_UNAVAILABLE,
+    };
+    emit(ctx, p, ep, &why);
     TC_ACT_SHOT as i32
 }
 

@@ -79,7 +79,7 @@ pub enum Hook {
 }
 
 impl Hook {
-    const ALL: [Self; 2] = [Self::FromEndpoint, Self::ToEndpoint];
+    pub(crate) const ALL: [Self; 2] = [Self::FromEndpoint, Self::ToEndpoint];
 
     const fn program(self) -> &'static str {
         match self {
@@ -88,7 +88,7 @@ impl Hook {
         }
     }
 
-    const fn tc(self) -> TcAttachType {
+    pub(crate) const fn tc(self) -> TcAttachType {
         match self {
             Self::FromEndpoint => TcAttachType::Ingress,
             Self::ToEndpoint => TcAttachType::Egress,
@@ -104,11 +104,20 @@ impl Hook {
     }
 }
 
-/// Path of the pinned link of `hook` on `ifname`.
+/// Path of the pinned link of `hook` on `ifname`: `<root>/links/<ifname>@<hook>`. bpffs
+/// refuses dots in names, so a dot of the interface name (VLANs) is written as `:`, a
+/// character interface names cannot hold (reversible).
 pub fn link_pin_path(pin_root: &Path, ifname: &str, hook: Hook) -> PathBuf {
     pin_root
         .join("links")
-        .join(format!("{ifname}.{}", hook.suffix()))
+        .join(format!("{}@{}", ifname.replace('.', ":"), hook.suffix()))
+}
+
+/// Inverse of [`link_pin_path`]'s file name: the interface and hook.
+pub fn parse_link_pin_name(file: &str) -> Option<(String, Hook)> {
+    let (ifname, suffix) = file.rsplit_once('@')?;
+    let hook = Hook::ALL.into_iter().find(|h| h.suffix() == suffix)?;
+    Some((ifname.replace(':', "."), hook))
 }
 
 /// One policy entry the agent writes.
@@ -574,7 +583,15 @@ mod tests {
     #[test]
     fn link_pins_are_named_by_interface_and_hook() {
         let p = link_pin_path(Path::new("/sys/fs/bpf/tollgate"), "veth1", Hook::ToEndpoint);
-        assert_eq!(p, Path::new("/sys/fs/bpf/tollgate/links/veth1.egress"));
+        assert_eq!(p, Path::new("/sys/fs/bpf/tollgate/links/veth1@egress"));
+        let vlan = link_pin_path(Path::new("/x"), "eth0.100", Hook::FromEndpoint);
+        let name = vlan.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, "eth0:100@ingress");
+        assert_eq!(
+            parse_link_pin_name(name),
+            Some(("eth0.100".to_owned(), Hook::FromEndpoint))
+        );
+        assert_eq!(parse_link_pin_name("junk"), None);
     }
 
     #[test]

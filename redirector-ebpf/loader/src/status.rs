@@ -8,7 +8,7 @@ use aya::{
 };
 use tollgate_datapath_common::{Counter, counter, map_names};
 
-use crate::{DatapathError, Hook};
+use crate::DatapathError;
 
 /// One attached program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,13 +96,10 @@ pub fn status(pin_root: &Path) -> Result<Status, DatapathError> {
             .collect();
         names.sort();
         for file in names {
-            let Some((ifname, suffix)) = file.rsplit_once('.') else {
+            let Some((ifname, hook)) = crate::parse_link_pin_name(&file) else {
                 continue;
             };
-            let Some(hook) = Hook::ALL.into_iter().find(|h| h.suffix() == suffix) else {
-                continue;
-            };
-            let programs = SchedClassifier::query_tcx(ifname, hook.tc())
+            let programs = SchedClassifier::query_tcx(&ifname, hook.tc())
                 .map(|(_, progs)| {
                     progs
                         .iter()
@@ -111,8 +108,8 @@ pub fn status(pin_root: &Path) -> Result<Status, DatapathError> {
                 })
                 .unwrap_or_default();
             attachments.push(Attachment {
-                ifname: ifname.to_owned(),
-                hook: suffix.to_owned(),
+                ifname,
+                hook: hook.suffix().to_owned(),
                 programs,
             });
         }
