@@ -1,6 +1,7 @@
 //! `tollgate`: the one binary — policy tools today (`lint`, `eval`, `test`), the proxy, agent
 //! and datapath as their issues land.
 
+mod datapath_cmd;
 mod eval_cmd;
 mod files;
 mod lint;
@@ -35,6 +36,9 @@ enum Command {
     },
     /// What-if: evaluate one connection or request against policies.
     Eval(eval_cmd::EvalArgs),
+    /// Inspect the kernel datapath.
+    #[command(subcommand)]
+    Datapath(datapath_cmd::DatapathCommand),
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Lint { paths, json } => lint::run(paths, *json),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
+        Command::Datapath(cmd) => datapath_cmd::run(cmd),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
