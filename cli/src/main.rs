@@ -35,7 +35,7 @@ enum Command {
         json: bool,
     },
     /// What-if: evaluate one connection or request against policies.
-    Eval(eval_cmd::EvalArgs),
+    Eval(Box<eval_cmd::EvalArgs>),
     /// Inspect the kernel datapath.
     #[command(subcommand)]
     Datapath(datapath_cmd::DatapathCommand),

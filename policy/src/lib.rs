@@ -12,11 +12,6 @@ pub mod api;
 pub mod check;
 pub mod endpoints;
 pub mod eval;
-// TEMPORARY (integrator): `l7_shim.rs` is a naive stand-in so the crate builds while the real
-// `l7/` module is written. The l7 engineer replaces the two lines below with `pub mod l7;` and
-// deletes `l7_shim.rs`. If model.rs / eval.rs / check.rs / cli then fail to compile because the
-// real API differs, make the minimal mechanical fix at those l7 call sites (keep behaviour).
-#[path = "l7_shim.rs"]
 pub mod l7;
 pub mod labels;
 pub mod load;

@@ -1,0 +1,335 @@
+//! DNS names: `matchName` / `matchPattern` for L7 DNS rules and `toFQDNs` (cnp-semantics §9.1).
+//!
+//! Both sides are lowercased and get a trailing dot. `*` inside a label matches
+//! `[-a-z0-9_]*` and never crosses a dot; a leading `**.` matches one or more whole labels;
+//! a run of `*` elsewhere is one `*`; a pattern of only `*` (and dots) matches every name.
+//! A set looks exact names up in a hash map and runs every pattern at once in a `RegexSet`.
+
+use std::collections::HashMap;
+
+use regex::{Regex, RegexSet};
+
+use super::L7Error;
+use crate::api;
+
+const MAX_NAME: usize = 255;
+const LABEL: &str = "[-a-z0-9_]";
+
+/// Lowercase and add the trailing dot.
+pub(crate) fn fqdn(name: &str) -> String {
+    let mut s = name.to_ascii_lowercase();
+    if !s.ends_with('.') {
+        s.push('.');
+    }
+    s
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Exact(String),
+    /// Anchored regex source.
+    Pattern(String),
+    All,
+}
+
+/// One compiled `matchName` or `matchPattern`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPattern {
+    kind: Kind,
+}
+
+impl DnsPattern {
+    pub fn from_rule(r: &api::DnsRule) -> Result<DnsPattern, L7Error> {
+        Self::compile(r.match_name.as_deref(), r.match_pattern.as_deref())
+    }
+
+    fn compile(name: Option<&str>, pattern: Option<&str>) -> Result<DnsPattern, L7Error> {
+        match (name, pattern) {
+            (Some(_), Some(_)) => Err(L7Error::new(
+                "",
+                "only one of matchName or matchPattern may be set",
+            )),
+            (None, None) => Err(L7Error::new(
+                "",
+                "one of matchName or matchPattern is needed",
+            )),
+            (Some(n), None) => {
+                check_chars(n, "matchName", false)?;
+                Ok(DnsPattern {
+                    kind: Kind::Exact(fqdn(n)),
+                })
+            }
+            (None, Some(p)) => {
+                check_chars(p, "matchPattern", true)?;
+                let p = fqdn(p);
+                if p.chars().all(|c| c == '*' || c == '.') {
+                    return Ok(DnsPattern { kind: Kind::All });
+                }
+                let (prefix, rest) = match p.strip_prefix("**.") {
+                    Some(rest) => (format!("(?:{LABEL}+\\.)+"), rest.to_string()),
+                    None => (String::new(), p.clone()),
+                };
+                let mut re = String::from("^");
+                re.push_str(&prefix);
+                let mut prev_star = false;
+                for c in rest.chars() {
+                    if c == '*' {
+                        if !prev_star {
+                            re.push_str(LABEL);
+                            re.push('*');
+                        }
+                        prev_star = true;
+                        continue;
+                    }
+                    prev_star = false;
+                    if c == '.' {
+                        re.push_str("\\.");
+                    } else {
+                        re.push(c);
+                    }
+                }
+                re.push('$');
+                Ok(DnsPattern {
+                    kind: Kind::Pattern(re),
+                })
+            }
+        }
+    }
+
+    /// Match one name (any case, trailing dot optional).
+    pub fn matches(&self, name: &str) -> bool {
+        let n = fqdn(name);
+        match &self.kind {
+            Kind::All => true,
+            Kind::Exact(e) => *e == n,
+            Kind::Pattern(p) => Regex::new(p).is_ok_and(|r| r.is_match(&n)),
+        }
+    }
+}
+
+fn check_chars(s: &str, field: &str, star: bool) -> Result<(), L7Error> {
+    if s.is_empty() || s.len() > MAX_NAME {
+        return Err(L7Error::new(
+            field,
+            format!("must have 1 to {MAX_NAME} characters"),
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (star && *c == '*'))
+    }) {
+        return Err(L7Error::new(
+            field,
+            format!(
+                "`{s}` contains `{c}`: only letters, digits, `-`, `_`, `.`{} are allowed",
+                if star { " and `*`" } else { "" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The DNS rules of one port rule.
+#[derive(Debug, Clone)]
+pub struct DnsRuleSet {
+    len: usize,
+    /// Exact name → first rule index.
+    exact: HashMap<String, usize>,
+    /// First rule index of an all-matching pattern.
+    all: Option<usize>,
+    patterns: Option<RegexSet>,
+    /// Rule index of each pattern of `patterns`.
+    pattern_rule: Vec<usize>,
+}
+
+impl DnsRuleSet {
+    pub fn new(rules: Vec<DnsPattern>) -> DnsRuleSet {
+        let mut exact = HashMap::new();
+        let mut all = None;
+        let mut sources = Vec::new();
+        let mut pattern_rule = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            match &r.kind {
+                Kind::Exact(n) => {
+                    exact.entry(n.clone()).or_insert(i);
+                }
+                Kind::All => {
+                    all.get_or_insert(i);
+                }
+                Kind::Pattern(p) => {
+                    sources.push(p.clone());
+                    pattern_rule.push(i);
+                }
+            }
+        }
+        // Each pattern was built from validated characters only, so the set always compiles.
+        let patterns = if sources.is_empty() {
+            None
+        } else {
+            RegexSet::new(&sources).ok()
+        };
+        DnsRuleSet {
+            len: rules.len(),
+            exact,
+            all,
+            patterns,
+            pattern_rule,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The lowest-index rule matching `qname`.
+    pub fn first_match(&self, qname: &str) -> Option<usize> {
+        let n = fqdn(qname);
+        let mut best = self.all;
+        let mut consider = |i: usize| best = Some(best.map_or(i, |b: usize| b.min(i)));
+        if let Some(&i) = self.exact.get(&n) {
+            consider(i);
+        }
+        if let Some(set) = &self.patterns
+            && let Some(p) = set.matches(&n).iter().next()
+        {
+            consider(self.pattern_rule[p]);
+        }
+        best
+    }
+}
+
+/// A `toFQDNs` selector (same syntax as DNS rules).
+#[derive(Debug, Clone)]
+pub struct FqdnSelector {
+    pattern: DnsPattern,
+    regex: Option<Regex>,
+}
+
+impl FqdnSelector {
+    pub fn new(s: &api::FqdnSelector) -> Result<FqdnSelector, L7Error> {
+        let pattern = DnsPattern::compile(s.match_name.as_deref(), s.match_pattern.as_deref())?;
+        let regex = match &pattern.kind {
+            Kind::Pattern(p) => Regex::new(p).ok(),
+            // For toFQDNs an all-`*` pattern matches any well-formed name (§9.1).
+            Kind::All => Regex::new(&format!("^(?:{LABEL}+\\.)*$")).ok(),
+            Kind::Exact(_) => None,
+        };
+        Ok(FqdnSelector { pattern, regex })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match (&self.pattern.kind, &self.regex) {
+            (Kind::Exact(e), _) => *e == fqdn(name),
+            (_, Some(r)) => r.is_match(&fqdn(name)),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pat(p: &str) -> DnsPattern {
+        DnsPattern::compile(None, Some(p)).unwrap()
+    }
+
+    #[test]
+    fn star_stays_within_a_label_9_1() {
+        let p = pat("*.cilium.io");
+        assert!(p.matches("anysub.cilium.io"));
+        assert!(!p.matches("cilium.io"));
+        assert!(!p.matches("a.b.cilium.io"));
+        let p = pat("*cilium.io");
+        assert!(p.matches("cilium.io"));
+        assert!(p.matches("subcilium.io"));
+        assert!(!p.matches("www.cilium.io"));
+        let p = pat("sub*.cilium.io");
+        assert!(p.matches("sub.cilium.io"));
+        assert!(p.matches("subdomain.cilium.io"));
+    }
+
+    #[test]
+    fn double_star_prefix_and_runs_9_1() {
+        let p = pat("**.cilium.io");
+        assert!(p.matches("a.cilium.io"));
+        assert!(p.matches("a.b.cilium.io"));
+        assert!(!p.matches("cilium.io"));
+        let p = pat("test.**.cilium.io");
+        assert!(p.matches("test.x.cilium.io"));
+        assert!(!p.matches("test.x.y.cilium.io"));
+        for all in ["*", "**", "***."] {
+            assert!(pat(all).matches("anything.example.com"));
+            assert!(pat(all).matches("."));
+        }
+    }
+
+    #[test]
+    fn case_and_trailing_dot_9_1() {
+        let n = DnsPattern::compile(Some("Cilium.IO"), None).unwrap();
+        assert!(n.matches("cilium.io."));
+        assert!(n.matches("CILIUM.io"));
+        assert!(!n.matches("ciliumXio"));
+    }
+
+    #[test]
+    fn set_returns_lowest_matching_rule() {
+        let s = DnsRuleSet::new(vec![
+            pat("*.example.com"),
+            DnsPattern::compile(Some("api.example.com"), None).unwrap(),
+            pat("**.internal"),
+        ]);
+        assert_eq!(s.first_match("API.example.com."), Some(0));
+        assert_eq!(s.first_match("a.b.internal"), Some(2));
+        assert_eq!(s.first_match("example.org"), None);
+    }
+
+    #[test]
+    fn fqdn_selectors() {
+        let all = FqdnSelector::new(&api::FqdnSelector {
+            match_name: None,
+            match_pattern: Some("*".into()),
+        })
+        .unwrap();
+        assert!(all.matches("a.b.example.com"));
+        let name = FqdnSelector::new(&api::FqdnSelector {
+            match_name: Some("api.example.com".into()),
+            match_pattern: None,
+        })
+        .unwrap();
+        assert!(name.matches("API.example.com."));
+        assert!(!name.matches("x.api.example.com"));
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(
+            DnsPattern::compile(Some("a.com"), Some("*.a.com"))
+                .unwrap_err()
+                .message,
+            "only one of matchName or matchPattern may be set"
+        );
+        assert_eq!(
+            DnsPattern::compile(Some("a*.com"), None).unwrap_err(),
+            L7Error::new(
+                "matchName",
+                "`a*.com` contains `*`: only letters, digits, `-`, `_`, `.` are allowed"
+            )
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn set_agrees_with_each_pattern(
+            pats in proptest::collection::vec(proptest::sample::select(vec!["*.a.com", "a.com", "**.b.org", "x*y.a.com", "*"]), 1..6),
+            name in proptest::sample::select(vec!["a.com", "q.a.com", "xzy.a.com", "p.q.b.org", "b.org", "Z.A.COM."]),
+        ) {
+            let compiled: Vec<DnsPattern> = pats.iter().map(|p| pat(p)).collect();
+            let naive = compiled.iter().position(|p| p.matches(name));
+            proptest::prop_assert_eq!(DnsRuleSet::new(compiled).first_match(name), naive);
+        }
+    }
+}
