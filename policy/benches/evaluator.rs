@@ -10,12 +10,15 @@ use tollgate_policy::load::PolicySet;
 use tollgate_policy::model::{Direction, Protocol};
 use tollgate_policy::peer::Remote;
 
+/// `n` policies, one per app; their path lists repeat every 100 policies (real policy sets
+/// repeat their paths; the compiled-set cache in `l7::http` shares those).
 fn policies(n: usize) -> String {
     let mut s = String::new();
     for i in 0..n {
         s.push_str(&format!(
-            "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}, namespace: ns{}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: app{i}}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client{i}}}}}]\n    toPorts:\n    - ports: [{{port: \"8080\", protocol: TCP}}]\n      rules:\n        http:\n        - {{method: GET, path: \"/api/v1/items/[0-9]+\"}}\n        - {{method: POST, path: \"/api/v1/orders\", headers: [\"X-Tenant: t{i}\"]}}\n",
-            i % 50
+            "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}, namespace: ns{}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: app{i}}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client{i}}}}}]\n    toPorts:\n    - ports: [{{port: \"8080\", protocol: TCP}}]\n      rules:\n        http:\n        - {{method: GET, path: \"/api/v{}/items/[0-9]+\"}}\n        - {{method: POST, path: \"/api/v1/orders\", headers: [\"X-Tenant: t{i}\"]}}\n",
+            i % 50,
+            i % 100
         ));
     }
     s

@@ -262,20 +262,12 @@ impl FieldSet {
         let set = if distinct.is_empty() {
             None
         } else {
-            Some(
-                RegexSetBuilder::new(&distinct)
-                    .size_limit(REGEX_SIZE_LIMIT * 1024)
-                    .dfa_size_limit(8 << 20)
-                    .build()
-                    .map_err(|e| {
-                        L7Error::new(
-                            "",
-                            format!(
-                                "the {field} regexes of this rule list together are too large: {e}"
-                            ),
-                        )
-                    })?,
-            )
+            Some(cached_set(&distinct).map_err(|e| {
+                L7Error::new(
+                    "",
+                    format!("the {field} regexes of this rule list together are too large: {e}"),
+                )
+            })?)
         };
         Ok(FieldSet { set, index })
     }
@@ -290,6 +282,31 @@ impl FieldSet {
             }
         }
     }
+}
+
+/// Compiled sets shared between rule lists with the same patterns (policies repeat their
+/// paths a lot: 10,000 policies often hold a few hundred distinct lists). A `RegexSet` clone
+/// shares its compiled program. Bounded: cleared when it grows past `SET_CACHE_MAX` entries.
+fn cached_set(patterns: &[&str]) -> Result<RegexSet, regex::Error> {
+    use std::sync::{Mutex, OnceLock};
+    const SET_CACHE_MAX: usize = 4096;
+    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, RegexSet>>> = OnceLock::new();
+    let key: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(set) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(set);
+    }
+    let set = RegexSetBuilder::new(patterns)
+        .size_limit(REGEX_SIZE_LIMIT * 1024)
+        .dfa_size_limit(8 << 20)
+        .build()?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= SET_CACHE_MAX {
+            c.clear();
+        }
+        c.insert(key, set.clone());
+    }
+    Ok(set)
 }
 
 /// The HTTP rules of one port rule, compiled together.
