@@ -8,9 +8,10 @@
 //! 1. a direction no rule has entries for is not enforced: allowed;
 //! 2. an L3/L4 deny entry matching the peer and port denies (deny beats allow, §5.2);
 //! 3. no allow entry matching: denied if any selecting rule is default-deny, else allowed;
-//! 4. with an L7 request: a matching TollgatePolicy L7 deny rule denies; an entry without
-//!    allow rules (L4-only, `http: []`, visibility-only from `enableDefaultDeny: false`, or
-//!    only deny rules) allows everything else (§6.3–§6.7); otherwise some allow rule must match.
+//! 4. with an L7 request: a matching TollgatePolicy L7 deny rule denies (from any entry that
+//!    applies); an entry without L7 rules (L4-only, `http: []`, or visibility-only from
+//!    `enableDefaultDeny: false`) allows everything else (§6.3–§6.7); otherwise some allow
+//!    rule must match. Entries with only deny rules never grant anything.
 //!
 //! Enforce-mode rules decide; audit-mode rules are evaluated together with them afterwards, and
 //! a denial that only exists with them becomes `AuditDeny` (docs/policy-model.md).
@@ -402,10 +403,19 @@ impl PortPolicy {
         if dir == Direction::Ingress && remote.kind == RemoteKind::Host && !self.local_is_host {
             return Verdict::new(Decision::Allow, Reason::HostAllowed, dir);
         }
-        let allows: Vec<&Candidate> = matching
+        // Entries that apply to this peer and port (deny-only L7 entries included: their deny
+        // rules apply), and the subset that can grant anything.
+        let applicable: Vec<&Candidate> = matching
             .into_iter()
             .filter(|c| !c.deny && Self::sni_matches(c, request))
             .collect();
+        let request = request.filter(|r| !matches!(r, L7Request::Tls { .. }));
+        if let Some(request) = request
+            && let Some(v) = l7_deny(&applicable, request, dir)
+        {
+            return v;
+        }
+        let allows: Vec<&Candidate> = applicable.into_iter().filter(|c| grants(c)).collect();
         if allows.is_empty() {
             return match &info.default_deny_by {
                 Some((policy, path, enforcement, log)) => Verdict {
@@ -418,13 +428,7 @@ impl PortPolicy {
                 None => Verdict::new(Decision::Allow, Reason::DefaultAllow, dir),
             };
         }
-        let l4_path = |c: &Candidate| {
-            c.port_rule
-                .as_ref()
-                .map(|p| p.path.clone())
-                .unwrap_or_else(|| c.entry_path.clone())
-        };
-        let Some(request) = request.filter(|r| !matches!(r, L7Request::Tls { .. })) else {
+        let Some(request) = request else {
             let c = allows[0];
             return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(l4_path(c)));
         };
@@ -437,37 +441,14 @@ impl PortPolicy {
         request: &L7Request<'_>,
         dir: Direction,
     ) -> Verdict {
-        // 1. Deny rules from any entry that applies.
+        // An entry without L7 rules (or only observing them) allows everything (§6.3, §6.7).
+        if let Some(c) = allows
+            .iter()
+            .find(|c| c.visibility_only || matches!(l7_of(c), L7::None))
+        {
+            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(l4_path(c)));
+        }
         let mut hits = Vec::new();
-        for c in allows {
-            let l7 = l7_of(c);
-            hits.clear();
-            let rules = match_l7(l7, request, &mut hits);
-            if let Some(rules) = rules
-                && let Some(&i) = hits.iter().find(|&&i| rules[i].1 == RuleAction::Deny)
-            {
-                return Verdict::new(Decision::Deny, Reason::L7DenyRule, dir)
-                    .by(c, Some(rules[i].0.clone()));
-            }
-        }
-        // 2. An entry without allow rules allows everything else.
-        if let Some(c) = allows.iter().find(|c| {
-            c.visibility_only
-                || match l7_of(c) {
-                    L7::None => true,
-                    L7::Http(l) => !l.has_allow_rules(),
-                    L7::Grpc(l) => !l.has_allow_rules(),
-                    L7::Kafka(l) => !l.has_allow_rules(),
-                    L7::Dns(l) => !l.has_allow_rules(),
-                }
-        }) {
-            let path = c
-                .port_rule
-                .as_ref()
-                .map(|p| p.path.clone())
-                .unwrap_or_else(|| c.entry_path.clone());
-            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(path));
-        }
         // 3. Kafka: the topic set cover spans every applicable entry (§8.3).
         if let L7Request::Kafka(kreq) = request {
             return kafka_cover(allows, kreq, dir);
@@ -482,10 +463,54 @@ impl PortPolicy {
                     .by(c, Some(rules[i].0.clone()));
             }
         }
-        let c = allows[0];
+        let c = most_specific(allows);
         let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
         Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path)
     }
+}
+
+fn l4_path(c: &Candidate) -> String {
+    c.port_rule
+        .as_ref()
+        .map(|p| p.path.clone())
+        .unwrap_or_else(|| c.entry_path.clone())
+}
+
+/// Can this entry allow anything? L7 deny rules never grant: an entry whose L7 rules are all
+/// deny rules only denies (adding a deny policy must never widen access).
+fn grants(c: &Candidate) -> bool {
+    match l7_of(c) {
+        L7::None => true,
+        L7::Http(l) => l.has_allow_rules(),
+        L7::Grpc(l) => l.has_allow_rules(),
+        L7::Kafka(l) => l.has_allow_rules(),
+        L7::Dns(l) => l.has_allow_rules(),
+    }
+}
+
+/// The first L7 deny rule, of any applicable entry, that matches the request.
+fn l7_deny(applicable: &[&Candidate], request: &L7Request<'_>, dir: Direction) -> Option<Verdict> {
+    let mut hits = Vec::new();
+    for c in applicable {
+        hits.clear();
+        if let Some(rules) = match_l7(l7_of(c), request, &mut hits)
+            && let Some(&i) = hits.iter().find(|&&i| rules[i].1 == RuleAction::Deny)
+        {
+            return Some(
+                Verdict::new(Decision::Deny, Reason::L7DenyRule, dir)
+                    .by(c, Some(rules[i].0.clone())),
+            );
+        }
+    }
+    None
+}
+
+/// The entry to name when no rule matched: one that names its peers, over a wildcard one.
+fn most_specific<'a>(allows: &[&'a Candidate]) -> &'a Candidate {
+    allows
+        .iter()
+        .find(|c| !matches!(c.peer, PeerMatch::Any))
+        .unwrap_or(&allows[0])
 }
 
 fn l7_of(c: &Candidate) -> &L7 {
@@ -550,7 +575,7 @@ fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction
         };
         return Verdict::new(Decision::Allow, Reason::L7Allow, dir).by(c, path);
     }
-    let c = allows[0];
+    let c = most_specific(allows);
     let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
     let mut v = Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path);
     v.denied_topics = out.uncovered_topics.iter().map(|t| t.to_string()).collect();

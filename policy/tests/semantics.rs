@@ -100,7 +100,8 @@ fn l7_deny_rule_beats_a_matching_allow_rule() {
 }
 
 #[test]
-fn only_deny_rules_mean_everything_else_is_allowed() {
+fn deny_rules_never_grant_anything() {
+    // A deny-only rule list for every peer must not open the port to anyone.
     let eval = evaluator(
         r#"
 apiVersion: tollgate.io/v1alpha1
@@ -109,20 +110,28 @@ metadata: {name: api, namespace: prod}
 spec:
   endpointSelector: {matchLabels: {app: api}}
   ingress:
+  - toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: DELETE, action: deny}]
   - fromEndpoints: [{matchLabels: {app: web}}]
     toPorts:
     - ports: [{port: "8080", protocol: TCP}]
       rules:
-        http: [{method: DELETE, action: deny}]
+        http: [{}]
 "#,
     );
     assert_eq!(http(&eval, "web", "GET", "/x").decision, Decision::Allow);
-    assert_eq!(http(&eval, "web", "DELETE", "/x").decision, Decision::Deny);
+    let del = http(&eval, "web", "DELETE", "/x");
+    assert_eq!(del.decision, Decision::Deny);
+    assert_eq!(del.deciding.reason, Reason::L7DenyRule);
+    let other = http(&eval, "admin", "GET", "/x");
     assert_eq!(
-        http(&eval, "admin", "GET", "/x").decision,
+        other.decision,
         Decision::Deny,
-        "other peers are still default-denied"
+        "the deny-only entry grants nothing"
     );
+    assert_eq!(other.deciding.reason, Reason::DefaultDeny);
 }
 
 #[test]
