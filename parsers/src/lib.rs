@@ -1,1 +1,3 @@
 //! Sans-IO protocol parsers: bytes in, typed values or a precise error out.
+
+pub mod path;
