@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tollgate_policy::api::StringLike;
-use tollgate_policy::check::{CheckResult, PeerSpec, check};
+use tollgate_policy::check::{CheckResult, PeerSpec};
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::eval::{Decision, Evaluator, Verdict};
 use tollgate_policy::model::Protocol;
 
 use crate::files::load_policies;
-use crate::request::{DnsSpec, GrpcSpec, HttpSpec, KafkaSpec, RequestSpec};
+use crate::request::{DnsSpec, GrpcSpec, HttpSpec, KafkaSpec, RequestSpec, check_request};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -151,12 +151,16 @@ pub fn run(args: &EvalArgs) -> Result<bool> {
     let protocol = Protocol::parse(&args.protocol)
         .ok_or_else(|| anyhow::anyhow!("--protocol: unknown `{}`", args.protocol))?;
     let eval = Evaluator::new(set.rules);
-    let prepared = args.request()?.map(|r| r.prepare()).transpose()?;
-    let result = match &prepared {
-        None => check(&eval, &inv, &from, &to, args.port, protocol, None),
-        Some(p) => p.with(|req| check(&eval, &inv, &from, &to, args.port, protocol, Some(req))),
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let request = args.request()?;
+    let result = check_request(
+        &eval,
+        &inv,
+        &from,
+        &to,
+        args.port,
+        protocol,
+        request.as_ref(),
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -168,6 +172,9 @@ pub fn run(args: &EvalArgs) -> Result<bool> {
 fn print_result(r: &CheckResult) {
     println!("{}", r.decision.as_str().to_uppercase());
     print_verdict("decided by", &r.deciding);
+    if r.egress.is_none() && r.ingress.is_none() {
+        return;
+    }
     for (name, v) in [("egress ", &r.egress), ("ingress", &r.ingress)] {
         match v {
             Some(v) => println!(
@@ -192,6 +199,9 @@ fn print_verdict(label: &str, v: &Verdict) {
             .map(|l| format!(", log: {l}"))
             .unwrap_or_default()
     );
+    if let Some(d) = &v.detail {
+        println!("  detail: {d}");
+    }
     if !v.denied_topics.is_empty() {
         println!("  denied topics: {}", v.denied_topics.join(", "));
     }

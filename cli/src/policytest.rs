@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use tollgate_policy::check::{PeerSpec, check};
+use tollgate_policy::check::PeerSpec;
 use tollgate_policy::endpoints::{EndpointSpec, Inventory, NamespaceSpec};
 use tollgate_policy::eval::{Decision, Evaluator};
 use tollgate_policy::load::PolicySet;
@@ -13,7 +13,7 @@ use tollgate_policy::model::Protocol;
 use tollgate_policy::yaml;
 
 use crate::files::yaml_files;
-use crate::request::RequestSpec;
+use crate::request::{RequestSpec, check_request};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,18 +168,19 @@ fn run_case(eval: &Evaluator, inv: &Inventory, c: &Case) -> Result<(bool, String
         "audit-deny" => Decision::AuditDeny,
         other => bail!("expect: `{other}` is not allow, deny or audit-deny"),
     };
-    let prepared = c.request.as_ref().map(|r| r.prepare()).transpose()?;
-    let result = match &prepared {
-        None => check(eval, inv, &from, &to, c.port, protocol, None),
-        Some(p) => p.with(|req| check(eval, inv, &from, &to, c.port, protocol, Some(req))),
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let result = check_request(eval, inv, &from, &to, c.port, protocol, c.request.as_ref())?;
     let got_rule = result.deciding.rule_ref();
     let detail = format!(
-        "{} by {} ({})",
+        "{} by {} ({}{})",
         result.decision.as_str(),
         got_rule.as_deref().unwrap_or("no rule"),
-        result.deciding.reason.describe()
+        result.deciding.reason.describe(),
+        result
+            .deciding
+            .detail
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default()
     );
     let mut ok = result.decision == expect;
     let mut msg = if ok {

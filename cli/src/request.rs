@@ -82,6 +82,9 @@ pub struct Prepared {
     kind: PreparedKind,
 }
 
+/// A request that could not be judged: refused before policy, as the proxy does.
+pub struct Refused(pub String);
+
 enum PreparedKind {
     Http {
         method: String,
@@ -103,7 +106,8 @@ enum PreparedKind {
 }
 
 impl RequestSpec {
-    pub fn prepare(&self) -> Result<Prepared> {
+    /// `Ok(Err(Refused))` for a request the proxy would refuse before policy (bad path).
+    pub fn prepare(&self) -> Result<std::result::Result<Prepared, Refused>> {
         let set = [
             self.http.is_some(),
             self.grpc.is_some(),
@@ -115,9 +119,13 @@ impl RequestSpec {
             bail!("a request needs exactly one of http, grpc, kafka, dns or tls");
         }
         let kind = if let Some(h) = &self.http {
+            let path = match crate::normalize::path_for_policy(&h.path) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(Refused(format!("{e:#}")))),
+            };
             PreparedKind::Http {
                 method: h.method.clone(),
-                path: crate::normalize::path_for_policy(&h.path)?,
+                path,
                 host: h.host.clone().unwrap_or_default(),
                 headers: h
                     .headers
@@ -155,7 +163,7 @@ impl RequestSpec {
         } else {
             PreparedKind::Tls(self.tls.as_ref().and_then(|t| t.sni.clone()))
         };
-        Ok(Prepared { kind })
+        Ok(Ok(Prepared { kind }))
     }
 }
 
@@ -213,4 +221,34 @@ impl Prepared {
             }),
         }
     }
+}
+
+/// Check a connection and optional request as the proxy would judge it (shared by `eval` and
+/// `test`): a request refused before policy is a denial with reason `malformed`.
+pub fn check_request(
+    eval: &tollgate_policy::eval::Evaluator,
+    inv: &tollgate_policy::endpoints::Inventory,
+    from: &tollgate_policy::check::PeerSpec,
+    to: &tollgate_policy::check::PeerSpec,
+    port: u16,
+    protocol: tollgate_policy::model::Protocol,
+    spec: Option<&RequestSpec>,
+) -> Result<tollgate_policy::check::CheckResult> {
+    use tollgate_policy::check::{CheckResult, check};
+    use tollgate_policy::eval::Verdict;
+    use tollgate_policy::model::Direction;
+    let result = match spec.map(RequestSpec::prepare).transpose()? {
+        None => check(eval, inv, from, to, port, protocol, None),
+        Some(Ok(p)) => p.with(|req| check(eval, inv, from, to, port, protocol, Some(req))),
+        Some(Err(Refused(why))) => {
+            let deciding = Verdict::malformed(Direction::Ingress, why);
+            return Ok(CheckResult {
+                decision: deciding.decision,
+                deciding,
+                egress: None,
+                ingress: None,
+            });
+        }
+    };
+    result.map_err(|e| anyhow::anyhow!(e))
 }

@@ -176,6 +176,7 @@ pub fn check(
             enforcement: crate::api::Enforcement::Enforce,
             log: None,
             denied_topics: vec![],
+            detail: None,
         });
     Ok(CheckResult {
         decision: deciding.decision,

@@ -85,6 +85,9 @@ pub enum Reason {
     L7DenyRule,
     /// L7 rules apply and none allowed the request.
     L7NoMatch,
+    /// The request was malformed or ambiguous (e.g. `%2F` in the path) and was refused
+    /// before policy could judge it.
+    Malformed,
 }
 
 impl Reason {
@@ -101,6 +104,7 @@ impl Reason {
             Reason::DefaultDeny => "default deny: no rule allows it",
             Reason::L7DenyRule => "denied by an L7 deny rule",
             Reason::L7NoMatch => "no L7 rule matched",
+            Reason::Malformed => "refused before policy: malformed or ambiguous request",
         }
     }
 }
@@ -120,6 +124,9 @@ pub struct Verdict {
     pub log: Option<String>,
     /// Topics a Kafka request was denied for (when known).
     pub denied_topics: Vec<String>,
+    /// Free-text detail, e.g. why a request was refused as malformed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Verdict {
@@ -133,6 +140,7 @@ impl Verdict {
             enforcement: Enforcement::Enforce,
             log: None,
             denied_topics: Vec::new(),
+            detail: None,
         }
     }
 
@@ -142,6 +150,14 @@ impl Verdict {
         self.enforcement = c.enforcement;
         self.log = c.log.clone();
         self
+    }
+
+    /// The verdict for a request refused before policy (the proxy answers 400).
+    pub fn malformed(direction: Direction, detail: impl Into<String>) -> Verdict {
+        Verdict {
+            detail: Some(detail.into()),
+            ..Verdict::new(Decision::Deny, Reason::Malformed, direction)
+        }
     }
 
     /// `prod/api-l7 spec.ingress[0].toPorts[0].rules.http[0]`, or `default deny by prod/api`.
