@@ -231,3 +231,31 @@ fn duplicate_policy_names_are_reported() {
         vec!["b.yaml:3: metadata.name: CiliumNetworkPolicy default/x is already defined in a.yaml"]
     );
 }
+
+#[test]
+fn bad_and_oversized_regexes_name_the_rule() {
+    let src = format!(
+        "{HEAD}  ingress:\n  - toPorts:\n    - ports: [{{port: \"80\", protocol: TCP}}]\n      rules:\n        http:\n        - {{method: GET}}\n        - {{path: \"a{{1000}}{{1000}}\"}}\n        - {{method: \"*\"}}\n"
+    );
+    assert_eq!(
+        messages(&src),
+        vec![
+            "api.yaml:12: spec.ingress[0].toPorts[0].rules.http[1].path: regex too large (compiled size over the limit of 65536 bytes)",
+            "api.yaml:13: spec.ingress[0].toPorts[0].rules.http[2].method: invalid regex `*`: repetition operator missing expression",
+        ]
+    );
+}
+
+#[test]
+fn kafka_and_dns_rule_errors_name_the_field() {
+    let src = format!(
+        "{HEAD}  ingress:\n  - toPorts:\n    - ports: [{{port: \"9092\", protocol: TCP}}]\n      rules:\n        kafka: [{{role: produce, apiKey: fetch}}]\n  egress:\n  - toPorts:\n    - ports: [{{port: \"53\", protocol: ANY}}]\n      rules:\n        dns: [{{matchName: 'bad name'}}]\n"
+    );
+    assert_eq!(
+        messages(&src),
+        vec![
+            "api.yaml:10: spec.ingress[0].toPorts[0].rules.kafka[0].role: cannot set both role and apiKey",
+            "api.yaml:15: spec.egress[0].toPorts[0].rules.dns[0].matchName: `bad name` contains ` `: only letters, digits, `-`, `_`, `.` are allowed",
+        ]
+    );
+}
