@@ -36,6 +36,8 @@ enum Command {
     },
     /// What-if: evaluate one connection or request against policies.
     Eval(Box<eval_cmd::EvalArgs>),
+    /// Run the L7 proxy standalone from policy files (fixed listeners).
+    Proxy(Box<tollgate_proxy::ProxyArgs>),
     /// Inspect the kernel datapath.
     #[command(subcommand)]
     Datapath(datapath_cmd::DatapathCommand),
@@ -49,6 +51,21 @@ enum Command {
     },
 }
 
+fn run_proxy(args: &tollgate_proxy::ProxyArgs) -> anyhow::Result<bool> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(tollgate_proxy::run(args.clone()))?;
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -56,6 +73,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
+        Command::Proxy(args) => run_proxy(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

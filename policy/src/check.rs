@@ -156,16 +156,25 @@ pub fn check(
         }
         Side::Unmanaged(_) => None,
     };
-    let verdicts: Vec<&Verdict> = egress.iter().chain(ingress.iter()).collect();
-    let deciding = verdicts
+    let deciding = combine(egress.as_ref(), ingress.as_ref());
+    Ok(CheckResult {
+        decision: deciding.decision,
+        deciding,
+        egress,
+        ingress,
+    })
+}
+
+/// The verdict that decides a path from the source's egress and the destination's ingress
+/// verdicts: the denying one, else an audit denial, else the most specific allow (an L7 rule
+/// beats an L4 entry beats no policy; on a tie the destination's ingress wins).
+pub fn combine(egress: Option<&Verdict>, ingress: Option<&Verdict>) -> Verdict {
+    let verdicts: Vec<&Verdict> = egress.into_iter().chain(ingress).collect();
+    verdicts
         .iter()
         .find(|v| v.decision == Decision::Deny)
         .or_else(|| verdicts.iter().find(|v| v.decision == Decision::AuditDeny))
-        .or_else(|| {
-            // The most specific allow: an L7 rule beats an L4 entry beats no policy; on a tie
-            // the destination's ingress (where L7 rules usually live) wins.
-            verdicts.iter().rev().max_by_key(|v| allow_rank(v.reason))
-        })
+        .or_else(|| verdicts.iter().rev().max_by_key(|v| allow_rank(v.reason)))
         .map(|v| (*v).clone())
         .unwrap_or_else(|| Verdict {
             decision: Decision::Allow,
@@ -177,13 +186,7 @@ pub fn check(
             log: None,
             denied_topics: vec![],
             detail: None,
-        });
-    Ok(CheckResult {
-        decision: deciding.decision,
-        deciding,
-        egress,
-        ingress,
-    })
+        })
 }
 
 fn allow_rank(r: Reason) -> u8 {

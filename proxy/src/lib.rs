@@ -1,1 +1,97 @@
 //! The node-local L7 proxy.
+//!
+//! One tokio runtime, one task per connection. A listener forwards to one destination
+//! endpoint (fixed mode: `--listen 127.0.0.1:15080 --to api-server@127.0.0.1:18080`); the
+//! source endpoint is found by the client's IP in the endpoints inventory (anything else is
+//! the world). Per connection the proxy takes the [`PortPolicy`] of the source's egress and of
+//! the destination's ingress (cached, from the one evaluator in `tollgate-policy`):
+//!
+//! * no L7 rules on either side: one L3/L4 verdict, then the bytes are spliced
+//!   (`copy_bidirectional`) — no parsing;
+//! * otherwise HTTP/1.1 and HTTP/2 (h2c prior knowledge) are served by hyper and every request
+//!   is judged on its normalised path (`tollgate_parsers::path`), method, authority, headers
+//!   and, for gRPC, service/method. Denied: `403 Access denied`, or for gRPC a trailers-only
+//!   `grpc-status: 7`; ambiguous paths get `400`. Every denial (and audit-mode would-deny) is
+//!   an audit record ([`audit`]).
+//!
+//! [`PortPolicy`]: tollgate_policy::eval::PortPolicy
+
+pub mod audit;
+mod forward;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+
+pub use forward::{Listener, serve_listener};
+pub use state::PolicyState;
+
+/// `tollgate proxy` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Policy files or directories.
+    #[arg(long = "policies", required = true, num_args = 1..)]
+    pub policies: Vec<PathBuf>,
+    /// Endpoints inventory (IP → endpoint and labels).
+    #[arg(long)]
+    pub endpoints: PathBuf,
+    /// Listen address (repeatable; pairs with `--to` in order).
+    #[arg(long = "listen", required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// Destination of the listener: `ENDPOINT@ADDR` (repeatable).
+    #[arg(long = "to", required = true)]
+    pub to: Vec<String>,
+    /// Audit log: a file path, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub audit_log: String,
+    /// Records held in memory when the audit sink falls behind; beyond that they are shed
+    /// (and counted).
+    #[arg(long, default_value_t = 65536)]
+    pub audit_queue: usize,
+    /// Body of HTTP 403 replies.
+    #[arg(long, default_value = "Access denied")]
+    pub deny_body: String,
+}
+
+/// Run the proxy until the process is stopped.
+pub async fn run(args: ProxyArgs) -> Result<()> {
+    if args.listen.len() != args.to.len() {
+        bail!(
+            "give one --to per --listen ({} listen, {} to)",
+            args.listen.len(),
+            args.to.len()
+        );
+    }
+    let state = Arc::new(PolicyState::load(&args.policies, &args.endpoints)?);
+    for d in &state.diagnostics {
+        tracing::warn!("{d} (this rule was not loaded)");
+    }
+    let sink = audit::AuditSink::start(audit::Output::parse(&args.audit_log)?, args.audit_queue);
+    let mut tasks = Vec::new();
+    for (addr, to) in args.listen.iter().zip(&args.to) {
+        let (name, upstream) = to
+            .split_once('@')
+            .with_context(|| format!("--to `{to}`: expected ENDPOINT@ADDR"))?;
+        let upstream: SocketAddr = upstream
+            .parse()
+            .with_context(|| format!("--to `{to}`: `{upstream}` is not an address"))?;
+        let listener = Listener::bind(
+            *addr,
+            name,
+            upstream,
+            state.clone(),
+            sink.clone(),
+            &args.deny_body,
+        )
+        .await?;
+        eprintln!("tollgate proxy: {addr} -> {name}@{upstream}");
+        tasks.push(tokio::spawn(serve_listener(listener)));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Audit records: one JSON object per line for every denied (or audit-mode would-deny)
+//! request or connection. Schema: `docs/audit-log.md` (`"schema": "tollgate.audit/v1"`).
+//!
+//! The request path never blocks on the sink: records go through a bounded queue with
+//! `try_send`; when the queue is full the record is shed and counted. The writer task writes
+//! a `records_lost` record with the running count whenever it grew, so nothing is lost
+//! silently, and [`AuditSink::shed`] exposes the count for metrics and tests.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Where records go.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Stdout,
+    File(std::path::PathBuf),
+}
+
+impl Output {
+    pub fn parse(s: &str) -> anyhow::Result<Output> {
+        Ok(match s {
+            "-" | "stdout" => Output::Stdout,
+            path => Output::File(path.into()),
+        })
+    }
+}
+
+/// One side of a flow, as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peer {
+    pub ip: String,
+    pub port: u16,
+    pub identity: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpFields {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub version: String,
+    /// Selected headers; values of other headers are never logged.
+    pub headers: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpcFields {
+    pub service: String,
+    pub method: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyRef {
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// One audit record (schema `tollgate.audit/v1`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub schema: &'static str,
+    pub time: String,
+    pub node: String,
+    pub direction: &'static str,
+    /// `denied` | `audit-denied`.
+    pub verdict: &'static str,
+    pub reason: String,
+    /// `http` | `grpc` | `tcp`.
+    pub protocol: &'static str,
+    pub source: Peer,
+    pub destination: Peer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub enforcement: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    pub policy_revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+pub const SCHEMA: &str = "tollgate.audit/v1";
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+pub fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// The sending side of the audit queue; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<Record>,
+    shed: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// Start the writer task (needs a tokio runtime).
+    pub fn start(output: Output, capacity: usize) -> AuditSink {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let sink = AuditSink {
+            tx,
+            shed: Arc::new(AtomicU64::new(0)),
+            written: Arc::new(AtomicU64::new(0)),
+        };
+        tokio::spawn(writer(output, rx, sink.shed.clone(), sink.written.clone()));
+        sink
+    }
+
+    /// Queue a record without ever waiting; a full queue sheds it and counts it.
+    pub fn record(&self, r: Record) {
+        if self.tx.try_send(r).is_err() {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records shed so far.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+
+    /// Records written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+async fn writer(
+    output: Output,
+    mut rx: mpsc::Receiver<Record>,
+    shed: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+) {
+    let mut out: Box<dyn Write + Send> = match &output {
+        Output::Stdout => Box::new(std::io::stdout()),
+        Output::File(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Err(e) => {
+                eprintln!(
+                    "tollgate proxy: cannot open audit log {}: {e}; writing to stderr",
+                    p.display()
+                );
+                Box::new(std::io::stderr())
+            }
+        },
+    };
+    let mut reported = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(rec) => {
+                    if let Ok(line) = serde_json::to_string(&rec) {
+                        let _ = writeln!(out, "{line}");
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Drain what is queued before flushing.
+                    while let Ok(rec) = rx.try_recv() {
+                        if let Ok(line) = serde_json::to_string(&rec) {
+                            let _ = writeln!(out, "{line}");
+                            written.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let _ = out.flush();
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                let lost = shed.load(Ordering::Relaxed);
+                if lost > reported {
+                    let line = serde_json::json!({
+                        "schema": SCHEMA, "time": now_rfc3339(), "type": "records_lost",
+                        "count": lost, "since_last": lost - reported,
+                    });
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                    reported = lost;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Listeners, per-connection dispatch (L4 splice or L7 HTTP), per-request verdicts, deny
+//! replies and forwarding.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tollgate_parsers::path::{Options, normalize};
+use tollgate_policy::check::combine;
+use tollgate_policy::eval::{Decision, L7Request, PortPolicy, Verdict};
+use tollgate_policy::l7::{GrpcCall, HttpRequest};
+use tollgate_policy::model::Direction;
+use tollgate_policy::peer::Remote;
+
+use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Peer, PolicyRef, Record};
+use crate::state::PolicyState;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A bound listener and where it forwards.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    dest_name: String,
+    dest_idx: Option<usize>,
+    /// The port policy sees (the destination's port as the workload addresses it).
+    policy_port: u16,
+    upstream: SocketAddr,
+    state: Arc<PolicyState>,
+    sink: AuditSink,
+    deny_body: Bytes,
+    node: String,
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Listener {
+    /// `dest` is `ENDPOINT` or `ENDPOINT:PORT` (the port policy rules name; default: the
+    /// upstream's port).
+    pub async fn bind(
+        addr: SocketAddr,
+        dest: &str,
+        upstream: SocketAddr,
+        state: Arc<PolicyState>,
+        sink: AuditSink,
+        deny_body: &str,
+    ) -> Result<Listener> {
+        let (name, policy_port) = match dest.rsplit_once(':') {
+            Some((n, p)) => (
+                n,
+                p.parse()
+                    .with_context(|| format!("`{dest}`: `{p}` is not a port"))?,
+            ),
+            None => (dest, upstream.port()),
+        };
+        let dest_idx = state.endpoint_index(name);
+        if dest_idx.is_none() {
+            anyhow::bail!("destination `{name}` is not in the endpoints inventory");
+        }
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        let mut body = deny_body.to_string();
+        if !body.ends_with("\r\n") {
+            body.push_str("\r\n");
+        }
+        Ok(Listener {
+            tcp,
+            dest_name: name.to_string(),
+            dest_idx,
+            policy_port,
+            upstream,
+            state,
+            sink,
+            deny_body: Bytes::from(body),
+            node: audit::node_name(),
+            h1: Client::builder(TokioExecutor::new()).build_http(),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    pub fn destination(&self) -> &str {
+        &self.dest_name
+    }
+}
+
+/// Accept connections forever, one task each.
+pub async fn serve_listener(l: Listener) -> Result<()> {
+    let l = Arc::new(l);
+    loop {
+        let (stream, peer) = l.tcp.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let l = l.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(l, stream, peer).await {
+                tracing::debug!("connection from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+/// What every request of one connection shares.
+struct Conn {
+    l: Arc<Listener>,
+    peer: SocketAddr,
+    egress: Option<Arc<PortPolicy>>,
+    ingress: Option<Arc<PortPolicy>>,
+    src_remote: Remote,
+    dst_remote: Remote,
+}
+
+impl Conn {
+    fn decide(&self, request: Option<&L7Request<'_>>) -> Verdict {
+        let e = self
+            .egress
+            .as_ref()
+            .map(|pp| pp.evaluate(&self.dst_remote, request));
+        let i = self
+            .ingress
+            .as_ref()
+            .map(|pp| pp.evaluate(&self.src_remote, request));
+        combine(e.as_ref(), i.as_ref())
+    }
+
+    fn peer_of(&self, remote: &Remote, ip: std::net::IpAddr, port: u16) -> Peer {
+        let ep = self.l.state.inventory.by_ip(ip);
+        Peer {
+            ip: ip.to_string(),
+            port,
+            identity: remote.identity,
+            namespace: ep.map(|e| e.spec.namespace.clone()),
+            name: ep.map(|e| e.spec.name.clone()),
+            labels: remote.labels.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
+    fn record(
+        &self,
+        v: &Verdict,
+        protocol: &'static str,
+        http: Option<HttpFields>,
+        grpc: Option<GrpcFields>,
+        trace_id: Option<String>,
+    ) {
+        let verdict = match v.decision {
+            Decision::Deny => "denied",
+            Decision::AuditDeny => "audit-denied",
+            Decision::Allow => return,
+        };
+        let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.l.upstream.ip());
+        self.l.sink.record(Record {
+            schema: audit::SCHEMA,
+            time: audit::now_rfc3339(),
+            node: self.l.node.clone(),
+            direction: match v.direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            },
+            verdict,
+            reason: serde_json::to_value(v.reason)
+                .ok()
+                .and_then(|x| x.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            protocol,
+            source: self.peer_of(&self.src_remote, self.peer.ip(), self.peer.port()),
+            destination: self.peer_of(&self.dst_remote, dst_ip, self.l.policy_port),
+            http,
+            grpc,
+            policy: v.policy.as_ref().map(|p| PolicyRef {
+                kind: p.kind.as_str().to_string(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            }),
+            rule: v.rule.clone(),
+            enforcement: v.enforcement.as_str(),
+            log: v.log.clone(),
+            policy_revision: self.l.state.revision,
+            trace_id,
+            detail: v.detail.clone(),
+        });
+    }
+}
+
+async fn handle_connection(
+    l: Arc<Listener>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<()> {
+    let state = &l.state;
+    let port = l.policy_port;
+    let egress = state
+        .endpoint_by_ip(peer.ip())
+        .map(|i| state.port_policy(i, Direction::Egress, port));
+    let ingress = l
+        .dest_idx
+        .map(|i| state.port_policy(i, Direction::Ingress, port));
+    let dst_remote = match l.dest_idx {
+        Some(i) => Remote::endpoint(state.endpoint(i)),
+        None => Remote::world(Some(l.upstream.ip()), vec![]),
+    };
+    let conn = Arc::new(Conn {
+        src_remote: state.remote(peer.ip()),
+        dst_remote,
+        egress,
+        ingress,
+        peer,
+        l: l.clone(),
+    });
+    let has_l7 = conn.egress.as_ref().is_some_and(|p| p.has_l7())
+        || conn.ingress.as_ref().is_some_and(|p| p.has_l7());
+    if !has_l7 {
+        // L4 only: one verdict for the connection, then splice.
+        let v = conn.decide(None);
+        conn.record(&v, "tcp", None, None, None);
+        if v.decision == Decision::Deny {
+            return Ok(());
+        }
+        let mut up = TcpStream::connect(l.upstream)
+            .await
+            .with_context(|| format!("connect {}", l.upstream))?;
+        let _ = up.set_nodelay(true);
+        tokio::io::copy_bidirectional(&mut stream, &mut up).await?;
+        return Ok(());
+    }
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle_request(conn, req).await) }
+    });
+    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Headers whose values an audit record may carry; every other header is left out.
+const LOGGED_HEADERS: &[&str] = &["user-agent", "content-type", "x-request-id", "traceparent"];
+
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let tp = headers.get("traceparent")?.to_str().ok()?;
+    let id = tp.split('-').nth(1)?;
+    (id.len() == 32).then(|| id.to_string())
+}
+
+async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
+    let is_grpc = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
+    let http_fields = |path: &str| HttpFields {
+        method: req.method().to_string(),
+        host: host.clone(),
+        path: path.to_string(),
+        version: version.clone(),
+        headers: req
+            .headers()
+            .iter()
+            .filter(|(k, _)| LOGGED_HEADERS.contains(&k.as_str()))
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.into())))
+            .collect(),
+    };
+    let trace = trace_id(req.headers());
+    let norm = match normalize(&target, Options::default()) {
+        Ok(n) => n,
+        Err(e) => {
+            let v = Verdict::malformed(Direction::Ingress, format!("path `{target}`: {e}"));
+            conn.record(&v, "http", Some(http_fields(&target)), None, trace);
+            return text_reply(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"Bad request\r\n"),
+            );
+        }
+    };
+    let grpc_call = if is_grpc {
+        norm.path()
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+    } else {
+        None
+    };
+    let verdict = {
+        let hdrs: Vec<(&str, &str)> = req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect();
+        let l7 = L7Request::Http {
+            request: HttpRequest {
+                method: req.method().as_str(),
+                path: norm.as_str(),
+                host: &host,
+                headers: &hdrs,
+            },
+            grpc: grpc_call.map(|(service, method)| GrpcCall { service, method }),
+        };
+        conn.decide(Some(&l7))
+    };
+    if verdict.decision != Decision::Allow {
+        let grpc = grpc_call.map(|(s, m)| GrpcFields {
+            service: s.to_string(),
+            method: m.to_string(),
+        });
+        let protocol = if is_grpc { "grpc" } else { "http" };
+        conn.record(
+            &verdict,
+            protocol,
+            Some(http_fields(norm.as_str())),
+            grpc,
+            trace,
+        );
+    }
+    if verdict.decision == Decision::Deny {
+        return if is_grpc {
+            grpc_permission_denied(&conn.l.deny_body)
+        } else {
+            text_reply(StatusCode::FORBIDDEN, conn.l.deny_body.clone())
+        };
+    }
+    forward(&conn.l, req, norm.as_str(), is_grpc).await
+}
+
+fn text_reply(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// A trailers-only gRPC response: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED).
+fn grpc_permission_denied(body: &Bytes) -> Response<Body> {
+    let msg: String = String::from_utf8_lossy(body)
+        .trim_end()
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b' ' || b == b'-' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    if let Ok(v) = HeaderValue::from_str(&msg) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Forward upstream: gRPC over HTTP/2 (prior knowledge), everything else over HTTP/1.1
+/// (an HTTP/2 client is downgraded, as Envoy does by default).
+async fn forward(l: &Listener, req: Request<Incoming>, path: &str, grpc: bool) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let uri: Uri = match format!("http://{}{path}", l.upstream).parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return text_reply(
+                StatusCode::BAD_REQUEST,
+                Bytes::from_static(b"Bad request\r\n"),
+            );
+        }
+    };
+    parts.uri = uri;
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    let client = if grpc {
+        parts.version = Version::HTTP_2;
+        &l.h2
+    } else {
+        parts.version = Version::HTTP_11;
+        &l.h1
+    };
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp.map(|b| b.boxed()),
+        Err(e) => {
+            tracing::debug!("upstream {}: {e}", l.upstream);
+            text_reply(
+                StatusCode::BAD_GATEWAY,
+                Bytes::from_static(b"Upstream unavailable\r\n"),
+            )
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The policy the proxy enforces: the evaluator, the endpoints inventory, and a cache of
+//! [`PortPolicy`]s so that gathering the rules of an (endpoint, direction, port) happens once,
+//! not per request.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use tollgate_policy::endpoints::{Endpoint, Inventory};
+use tollgate_policy::eval::{Evaluator, Local, PortPolicy};
+use tollgate_policy::load::{Diagnostic, PolicySet};
+use tollgate_policy::model::{Direction, Protocol};
+use tollgate_policy::peer::Remote;
+
+type CacheKey = (usize, Direction, u16);
+
+#[derive(Debug)]
+pub struct PolicyState {
+    pub evaluator: Evaluator,
+    pub inventory: Inventory,
+    pub diagnostics: Vec<Diagnostic>,
+    /// Bumped on every load; written into audit records.
+    pub revision: u64,
+    cache: Mutex<HashMap<CacheKey, Arc<PortPolicy>>>,
+}
+
+fn yaml_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| p.display().to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            if e.is_dir() || matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml"))
+            {
+                yaml_files(&e, out)?;
+            }
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+impl PolicyState {
+    pub fn load(policies: &[PathBuf], endpoints: &Path) -> Result<PolicyState> {
+        let mut set = PolicySet::default();
+        let mut files = Vec::new();
+        for p in policies {
+            yaml_files(p, &mut files)?;
+        }
+        for f in files {
+            let src = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
+            set.load_str(&f.display().to_string(), &src);
+        }
+        let src =
+            std::fs::read_to_string(endpoints).with_context(|| endpoints.display().to_string())?;
+        let inventory =
+            Inventory::from_yaml(&src).with_context(|| endpoints.display().to_string())?;
+        Ok(PolicyState::new(set, inventory, 1))
+    }
+
+    pub fn new(set: PolicySet, inventory: Inventory, revision: u64) -> PolicyState {
+        PolicyState {
+            evaluator: Evaluator::new(set.rules),
+            inventory,
+            diagnostics: set.diagnostics,
+            revision,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoint_index(&self, name: &str) -> Option<usize> {
+        self.inventory
+            .endpoints
+            .iter()
+            .position(|e| e.spec.name == name)
+    }
+
+    pub fn endpoint(&self, idx: usize) -> &Endpoint {
+        &self.inventory.endpoints[idx]
+    }
+
+    /// The managed endpoint owning `ip`, if any.
+    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<usize> {
+        let ep = self.inventory.by_ip(ip)?;
+        self.endpoint_index(&ep.spec.name)
+    }
+
+    /// The remote view of a peer: a managed endpoint, or the world with its IP.
+    pub fn remote(&self, ip: IpAddr) -> Remote {
+        match self.inventory.by_ip(ip) {
+            Some(ep) => Remote::endpoint(ep),
+            None => Remote::world(Some(ip), vec![]),
+        }
+    }
+
+    /// The (cached) port policy of endpoint `idx`.
+    pub fn port_policy(&self, idx: usize, direction: Direction, port: u16) -> Arc<PortPolicy> {
+        let key = (idx, direction, port);
+        if let Some(pp) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return pp;
+        }
+        let ep = self.endpoint(idx);
+        let named: Vec<(String, u16)> =
+            ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let local = Local {
+            labels: &ep.labels,
+            is_host: false,
+            named_ports: &named,
+        };
+        let pp = Arc::new(
+            self.evaluator
+                .port_policy(&local, direction, port, Protocol::Tcp),
+        );
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(key, pp.clone());
+        }
+        pp
+    }
+}
