@@ -1,0 +1,322 @@
+//! End-to-end through the proxy with real parts on loopback: nginx as the origin, curl and
+//! h2load as clients (each "pod" is its own 127.0.0.x source address via `--interface`).
+//! The proxy runs in-process from the library, exactly as `tollgate proxy` runs it.
+//!
+//! Needs `nginx`, `curl` and `h2load` (installed by `scripts/setup-proxy.sh`). Missing tools
+//! fail the test with a message naming the script — they are never a silent pass.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_policy::endpoints::Inventory;
+use tollgate_policy::load::PolicySet;
+use tollgate_proxy::audit::{AuditSink, Output};
+use tollgate_proxy::{Listener, PolicyState, serve_listener};
+
+fn need(tool: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "`{tool}` is not installed: run scripts/setup-proxy.sh");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start() -> Nginx {
+        need("nginx");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p;\n\
+               fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+               server {{ listen 127.0.0.1:{port};\n\
+                 location / {{ return 200 \"origin $request_method $request_uri\\n\"; }} }} }}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("nginx")
+            .args(["-c", path.to_str().unwrap()])
+            .spawn()
+            .expect("start nginx");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Nginx {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nginx did not start on {port}");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // TERM, not KILL: the master then stops its workers too.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+const ENDPOINTS: &str = "
+endpoints:
+  - {name: frontend, namespace: prod, labels: {app: frontend}, ips: [127.0.0.10]}
+  - {name: api-server, namespace: prod, labels: {app: api-server}, ips: [127.0.0.20]}
+  - {name: admin, namespace: prod, labels: {app: admin, role: ops}, ips: [127.0.0.30]}
+  - {name: unauthorized, namespace: prod, labels: {app: intruder}, ips: [127.0.0.40]}
+";
+
+struct Proxy {
+    addr: SocketAddr,
+    audit: PathBuf,
+    sink: AuditSink,
+    _dir: tempfile::TempDir,
+}
+
+/// Start the proxy for `dest` (ENDPOINT:PORT) in front of `origin`, with the gateway example.
+async fn start_proxy(extra_policy: Option<&str>, dest: &str, origin: u16) -> Proxy {
+    let mut set = PolicySet::default();
+    let p = repo().join("conformance/policies/gateway/policies.yaml");
+    set.load_str("gateway.yaml", &std::fs::read_to_string(p).unwrap());
+    if let Some(extra) = extra_policy {
+        set.load_str("extra.yaml", extra);
+    }
+    assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+    let state = Arc::new(PolicyState::new(
+        set,
+        Inventory::from_yaml(ENDPOINTS).unwrap(),
+        7,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let sink = AuditSink::start(Output::File(audit.clone()), 1024);
+    let upstream: SocketAddr = format!("127.0.0.1:{origin}").parse().unwrap();
+    let l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        dest,
+        upstream,
+        state,
+        sink.clone(),
+        "Access denied",
+    )
+    .await
+    .unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(serve_listener(l));
+    Proxy {
+        addr,
+        audit,
+        sink,
+        _dir: dir,
+    }
+}
+
+/// curl from a pod address; returns (status, body).
+async fn curl(from: &str, args: &[&str], url: &str) -> (u16, String) {
+    need("curl");
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "10",
+        "--interface",
+        from,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    cmd.args(args).arg(url);
+    let out = cmd.output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+async fn audit_lines(p: &Proxy, at_least: usize) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&p.audit).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= at_least {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "fewer than {at_least} audit records in {}",
+        p.audit.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_allowed_denied_and_audited_with_real_curl_and_nginx() {
+    let origin = Nginx::start();
+    let p = start_proxy(None, "api-server:8080", origin.port).await;
+    let url = |path: &str| format!("http://{}{path}", p.addr);
+
+    let (code, body) = curl("127.0.0.10", &[], &url("/public/index.html")).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "origin GET /public/index.html\n")
+    );
+
+    let (code, body) = curl("127.0.0.10", &[], &url("/admin/users")).await;
+    assert_eq!((code, body.as_str()), (403, "Access denied\r\n"));
+
+    // The deny rule wins over the admin pod's allow; the record names it and its log tag.
+    let (code, _) = curl("127.0.0.30", &[], &url("/admin/debug/pprof")).await;
+    assert_eq!(code, 403);
+
+    // Dot segments are resolved before policy: this is /admin/users, denied for frontend.
+    let (code, _) = curl(
+        "127.0.0.10",
+        &["--path-as-is"],
+        &url("/public/../admin/users"),
+    )
+    .await;
+    assert_eq!(code, 403);
+
+    // Ambiguous encodings never reach policy or the origin.
+    let (code, _) = curl("127.0.0.10", &[], &url("/public/a%2Fb")).await;
+    assert_eq!(code, 400);
+
+    // Audit mode forwards and records.
+    let (code, body) = curl("127.0.0.30", &["-X", "DELETE"], &url("/admin/users/7")).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "origin DELETE /admin/users/7\n")
+    );
+
+    let recs = audit_lines(&p, 5).await;
+    assert_eq!(recs.len(), 5, "{recs:#?}");
+    let r0 = &recs[0];
+    assert_eq!(r0["schema"], "tollgate.audit/v1");
+    assert_eq!(r0["verdict"], "denied");
+    assert_eq!(r0["reason"], "l7-no-match");
+    assert_eq!(r0["source"]["name"], "frontend");
+    assert_eq!(r0["destination"]["name"], "api-server");
+    assert_eq!(r0["destination"]["port"], 8080);
+    assert_eq!(r0["http"]["path"], "/admin/users");
+    assert_eq!(r0["policy"]["name"], "api-gateway");
+    assert_eq!(r0["rule"], "spec.ingress[1].toPorts[0].rules");
+    assert_eq!(r0["policy_revision"], 7);
+    let r1 = &recs[1];
+    assert_eq!(r1["reason"], "l7-deny-rule");
+    assert_eq!(r1["policy"]["kind"], "TollgatePolicy");
+    assert_eq!(r1["log"], "no-debug-endpoints");
+    assert_eq!(recs[2]["http"]["path"], "/admin/users");
+    assert_eq!(recs[3]["reason"], "malformed");
+    assert_eq!(recs[4]["verdict"], "audit-denied");
+    assert_eq!(recs[4]["enforcement"], "audit");
+    assert_eq!(recs[4]["policy"]["name"], "preview-admin-writes");
+    assert_eq!(p.sink.shed(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denial_keeps_the_http1_connection_alive() {
+    let origin = Nginx::start();
+    let p = start_proxy(None, "api-server:8080", origin.port).await;
+    // Two requests on one connection: the 403 must not close it (num_connects of the second
+    // transfer is 0 when the connection was reused).
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "--interface",
+            "127.0.0.10",
+        ])
+        .args(["-w", "%{http_code}:%{num_connects} "])
+        .arg(format!("http://{}/admin/x", p.addr))
+        .arg(format!("http://{}/public/y", p.addr))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "403:1 200:0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_requests_are_judged_per_stream() {
+    need("h2load");
+    let origin = Nginx::start();
+    let p = start_proxy(None, "api-server:8080", origin.port).await;
+    let (code, body) = curl(
+        "127.0.0.10",
+        &["--http2-prior-knowledge"],
+        &format!("http://{}/public/h2", p.addr),
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "origin GET /public/h2\n"));
+    let (code, _) = curl(
+        "127.0.0.10",
+        &["--http2-prior-knowledge"],
+        &format!("http://{}/admin/h2", p.addr),
+    )
+    .await;
+    assert_eq!(code, 403);
+    // 10 connections x 10 streams: every allowed stream succeeds through the proxy.
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "500", "-c", "10", "-m", "10"])
+        .arg(format!("http://{}/public/load", p.addr))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("500 succeeded, 0 failed"), "{text}");
+    assert!(text.contains("500 2xx"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_without_l7_rules_are_spliced_and_checked_at_l4() {
+    let origin = Nginx::start();
+    // The admin pod may reach port 9000 at L4 only; nobody else may.
+    let extra = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: metrics, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: api-server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: admin}}]\n    toPorts:\n    - ports: [{port: \"9000\", protocol: TCP}]\n";
+    let p = start_proxy(Some(extra), "api-server:9000", origin.port).await;
+    let (code, body) = curl("127.0.0.30", &[], &format!("http://{}/anything", p.addr)).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "origin GET /anything\n"),
+        "spliced bytes"
+    );
+    let (code, _) = curl("127.0.0.10", &[], &format!("http://{}/anything", p.addr)).await;
+    assert_eq!(code, 0, "an L3/L4 denial closes the connection");
+    let recs = audit_lines(&p, 1).await;
+    assert_eq!(recs[0]["protocol"], "tcp");
+    assert_eq!(recs[0]["reason"], "default-deny");
+    assert_eq!(recs[0]["source"]["name"], "frontend");
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Idempotent: the real clients and servers the proxy's tests drive (nginx as origin, curl and
+# h2load as clients). Debian packages; nothing is started here.
+set -euo pipefail
+missing=()
+for bin_pkg in nginx:nginx curl:curl h2load:nghttp2-client; do
+  bin=${bin_pkg%%:*}; pkg=${bin_pkg##*:}
+  command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup-proxy] apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+echo "[setup-proxy] ok"
