@@ -59,13 +59,14 @@ impl Nginx {
             .args(["-c", path.to_str().unwrap()])
             .spawn()
             .expect("start nginx");
+        let nginx = Nginx {
+            child,
+            port,
+            _dir: dir,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Nginx {
-                    child,
-                    port,
-                    _dir: dir,
-                };
+                return nginx;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
