@@ -210,3 +210,71 @@ async fn writer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u32) -> Record {
+        let peer = Peer {
+            ip: "127.0.0.1".into(),
+            port: 1,
+            identity: i,
+            namespace: None,
+            name: None,
+            labels: vec![],
+        };
+        Record {
+            schema: SCHEMA,
+            time: now_rfc3339(),
+            node: "n".into(),
+            direction: "ingress",
+            verdict: "denied",
+            reason: "default-deny".into(),
+            protocol: "tcp",
+            source: peer.clone(),
+            destination: peer,
+            http: None,
+            grpc: None,
+            policy: None,
+            rule: None,
+            enforcement: "enforce",
+            log: None,
+            policy_revision: 1,
+            trace_id: None,
+            detail: None,
+        }
+    }
+
+    /// On a current-thread runtime the writer cannot run while we send without yielding, so
+    /// a queue of 8 sheds everything past 8: written + shed must equal sent, exactly, and the
+    /// loss must be written down as a `records_lost` record.
+    #[tokio::test(flavor = "current_thread")]
+    async fn shed_records_are_counted_and_reported_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = AuditSink::start(Output::File(path.clone()), 8);
+        const SENT: u64 = 50_000;
+        for i in 0..SENT {
+            sink.record(record(i as u32));
+        }
+        assert_eq!(sink.shed(), SENT - 8);
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.contains("records_lost") {
+                break;
+            }
+        }
+        assert_eq!(sink.written() + sink.shed(), SENT);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lost: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["type"] == "records_lost")
+            .collect();
+        assert_eq!(lost.len(), 1, "{text}");
+        assert_eq!(lost[0]["count"], SENT - 8);
+        assert_eq!(text.lines().count() as u64, 8 + 1);
+    }
+}
