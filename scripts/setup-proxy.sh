@@ -13,4 +13,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-echo "[setup-proxy] ok"
+
+# The grpcio client/server venv and stubs for the gRPC tests (../shared/peers, idempotent).
+peers="$(cd "$(dirname "$0")/../.." && pwd)/shared/peers"
+if [ -x "$peers/install-py.sh" ]; then
+  bash "$peers/install-py.sh" >/dev/null
+  echo "[setup-proxy] grpcio venv ok"
+else
+  echo "[setup-proxy] ERROR: $peers not found (the gRPC tests need ../shared/peers)" >&2
+  exit 1
+fi
