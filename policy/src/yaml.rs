@@ -352,6 +352,15 @@ mod tests {
         assert!(err.line >= 1, "{err}");
     }
 
+    /// Regression (fuzz `policy_load`, `regression-lone-cr-line-numbers.yaml`): a lone `\r` is
+    /// a YAML line break, so lines are counted as YAML counts them.
+    #[test]
+    fn lone_carriage_returns_are_line_breaks() {
+        let docs = parse_documents("a: 1\rb: 2\r\nc: 3\n").unwrap();
+        assert_eq!(docs[0].line_of("b"), 2);
+        assert_eq!(docs[0].line_of("c"), 3);
+    }
+
     #[test]
     fn anchors_and_aliases() {
         let docs = parse_documents("a: &x {k: v}\nb: *x\n").unwrap();
