@@ -544,60 +544,46 @@ fn compile_item(ctx: &ItemContext<'_>, v: &Value) -> Result<Entry, Vec<FieldErro
             format!("expected a mapping, found {}", api::json_kind(v)),
         )]);
     };
-    // Deserialize into the shared shape so unknown fields are named.
-    let (peers, to_ports, unsupported): (Vec<(&str, Value)>, Option<Value>, Vec<&str>) =
-        if ctx.ingress {
-            let r: api::IngressRule = de(v, path).map_err(|e| vec![e])?;
-            let mut unsupported = Vec::new();
-            for (name, set) in [
-                ("fromNodes", r.from_nodes.is_some()),
-                ("fromGroups", r.from_groups.is_some()),
-                ("fromRequires", r.from_requires.is_some()),
-                ("icmps", r.icmps.is_some()),
-                ("authentication", r.authentication.is_some()),
-            ] {
-                if set {
-                    unsupported.push(name);
-                }
-            }
-            (
-                peer_fields(
-                    obj,
-                    &["fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"],
-                ),
-                obj.get("toPorts").cloned(),
-                unsupported,
-            )
-        } else {
-            let r: api::EgressRule = de(v, path).map_err(|e| vec![e])?;
-            let mut unsupported = Vec::new();
-            for (name, set) in [
-                ("toServices", r.to_services.is_some()),
-                ("toNodes", r.to_nodes.is_some()),
-                ("toGroups", r.to_groups.is_some()),
-                ("toRequires", r.to_requires.is_some()),
-                ("icmps", r.icmps.is_some()),
-                ("authentication", r.authentication.is_some()),
-            ] {
-                if set {
-                    unsupported.push(name);
-                }
-            }
-            (
-                peer_fields(
-                    obj,
-                    &[
-                        "toEndpoints",
-                        "toCIDR",
-                        "toCIDRSet",
-                        "toEntities",
-                        "toFQDNs",
-                    ],
-                ),
-                obj.get("toPorts").cloned(),
-                unsupported,
-            )
-        };
+    // Deserialize into the typed shape first so unknown fields are named precisely; the typed
+    // value itself is not needed (the fields are compiled from the raw object below).
+    let (peer_names, unsupported_names): (&[&str], &[&str]) = if ctx.ingress {
+        de::<api::IngressRule>(v, path).map_err(|e| vec![e])?;
+        (
+            &["fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"],
+            &[
+                "fromNodes",
+                "fromGroups",
+                "fromRequires",
+                "icmps",
+                "authentication",
+            ],
+        )
+    } else {
+        de::<api::EgressRule>(v, path).map_err(|e| vec![e])?;
+        (
+            &[
+                "toEndpoints",
+                "toCIDR",
+                "toCIDRSet",
+                "toEntities",
+                "toFQDNs",
+            ],
+            &[
+                "toServices",
+                "toNodes",
+                "toGroups",
+                "toRequires",
+                "icmps",
+                "authentication",
+            ],
+        )
+    };
+    let peers = peer_fields(obj, peer_names);
+    let to_ports = obj.get("toPorts").cloned();
+    let unsupported = unsupported_names
+        .iter()
+        .copied()
+        .filter(|n| obj.get(*n).is_some_and(|v| !v.is_null()));
     for name in unsupported {
         let hint = match name {
             "toServices" => " (select the service's pods with toEndpoints instead)",
@@ -1012,6 +998,30 @@ fn compile_port_rule(
     }
 }
 
+/// Compile each rule of an L7 list, collecting errors at `base[i].field`; returns the compiled
+/// rules and, per compiled rule, its path and action.
+fn compile_list<R, C>(
+    list: Option<&Vec<R>>,
+    base: &str,
+    errs: &mut Vec<FieldError>,
+    compile: impl Fn(&R) -> Result<C, l7::L7Error>,
+    action: impl Fn(&R) -> Option<RuleAction>,
+) -> (Vec<C>, Vec<(String, RuleAction)>) {
+    let mut compiled = Vec::new();
+    let mut meta = Vec::new();
+    for (i, r) in list.into_iter().flatten().enumerate() {
+        let at = format!("{base}[{i}]");
+        match compile(r) {
+            Ok(c) => {
+                compiled.push(c);
+                meta.push((at, action(r).unwrap_or_default()));
+            }
+            Err(e) => errs.push((join(&at, &e.path), e.message)),
+        }
+    }
+    (compiled, meta)
+}
+
 fn compile_l7(
     ctx: &ItemContext<'_>,
     rules: &api::L7Rules,
@@ -1052,35 +1062,21 @@ fn compile_l7(
         ));
         return Err(errs);
     }
-    let action_of = |a: Option<RuleAction>, at: &str, errs: &mut Vec<FieldError>| {
-        if a.is_some() && !ctx.ext {
-            errs.push((
-                format!("{at}.action"),
-                "`action` is a TollgatePolicy extension".to_string(),
-            ));
-        }
-        a.unwrap_or_default()
-    };
+    let ext = ctx.ext;
     let l7 = match non_empty.first().copied() {
         None => L7::None,
         Some("http") => {
-            let mut compiled = Vec::new();
-            let mut meta = Vec::new();
-            for (i, r) in rules.http.iter().flatten().enumerate() {
-                let at = format!("{path}.http[{i}]");
-                let action = action_of(r.action, &at, &mut errs);
-                match l7::compile_http_rule(r, ctx.ext) {
-                    Ok(c) => {
-                        compiled.push(c);
-                        meta.push((at, action));
-                    }
-                    Err(e) => errs.push((join(&at, &e.path), e.message)),
-                }
-            }
+            let (compiled, rules) = compile_list(
+                rules.http.as_ref(),
+                &format!("{path}.http"),
+                &mut errs,
+                |r| l7::compile_http_rule(r, ext),
+                |r| r.action,
+            );
             match l7::HttpRuleSet::new(compiled) {
                 Ok(set) => L7::Http(L7List {
                     set: Arc::new(set),
-                    rules: meta,
+                    rules,
                 }),
                 Err(e) => {
                     errs.push((join(&format!("{path}.http"), &e.path), e.message));
@@ -1089,58 +1085,42 @@ fn compile_l7(
             }
         }
         Some("grpc") => {
-            let mut compiled = Vec::new();
-            let mut meta = Vec::new();
-            for (i, r) in rules.grpc.iter().flatten().enumerate() {
-                let at = format!("{path}.grpc[{i}]");
-                match l7::compile_grpc_rule(r) {
-                    Ok(c) => {
-                        compiled.push(c);
-                        meta.push((at, r.action.unwrap_or_default()));
-                    }
-                    Err(e) => errs.push((join(&at, &e.path), e.message)),
-                }
-            }
+            let (compiled, rules) = compile_list(
+                rules.grpc.as_ref(),
+                &format!("{path}.grpc"),
+                &mut errs,
+                l7::compile_grpc_rule,
+                |r| r.action,
+            );
             L7::Grpc(L7List {
                 set: Arc::new(l7::GrpcRuleSet::new(compiled)),
-                rules: meta,
+                rules,
             })
         }
         Some("kafka") => {
-            let mut compiled = Vec::new();
-            let mut meta = Vec::new();
-            for (i, r) in rules.kafka.iter().flatten().enumerate() {
-                let at = format!("{path}.kafka[{i}]");
-                let action = action_of(r.action, &at, &mut errs);
-                match l7::compile_kafka_rule(r, ctx.ext) {
-                    Ok(c) => {
-                        compiled.push(c);
-                        meta.push((at, action));
-                    }
-                    Err(e) => errs.push((join(&at, &e.path), e.message)),
-                }
-            }
+            let (compiled, rules) = compile_list(
+                rules.kafka.as_ref(),
+                &format!("{path}.kafka"),
+                &mut errs,
+                |r| l7::compile_kafka_rule(r, ext),
+                |r| r.action,
+            );
             L7::Kafka(L7List {
                 set: Arc::new(l7::KafkaRuleSet::new(compiled)),
-                rules: meta,
+                rules,
             })
         }
         Some(_) => {
-            let mut compiled = Vec::new();
-            let mut meta = Vec::new();
-            for (i, r) in rules.dns.iter().flatten().enumerate() {
-                let at = format!("{path}.dns[{i}]");
-                match l7::DnsPattern::from_rule(r) {
-                    Ok(c) => {
-                        compiled.push(c);
-                        meta.push((at, RuleAction::Allow));
-                    }
-                    Err(e) => errs.push((join(&at, &e.path), e.message)),
-                }
-            }
+            let (compiled, rules) = compile_list(
+                rules.dns.as_ref(),
+                &format!("{path}.dns"),
+                &mut errs,
+                l7::DnsPattern::from_rule,
+                |_| None,
+            );
             L7::Dns(L7List {
                 set: Arc::new(l7::DnsRuleSet::new(compiled)),
-                rules: meta,
+                rules,
             })
         }
     };

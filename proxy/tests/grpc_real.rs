@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::free_port;
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::load::PolicySet;
 use tollgate_proxy::audit::{AuditSink, Output};
@@ -40,14 +43,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_server() -> (Server, u16) {

@@ -11,27 +11,13 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{free_port, need};
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::load::PolicySet;
 use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::{Listener, PolicyState, serve_listener};
-
-fn need(tool: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(ok, "`{tool}` is not installed: run scripts/setup-proxy.sh");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Nginx {
     child: Child,
