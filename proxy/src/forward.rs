@@ -120,6 +120,9 @@ pub async fn serve_listener(l: Listener) -> Result<()> {
 /// What every request of one connection shares.
 struct Conn {
     l: Arc<Listener>,
+    /// The upstream connection of an HTTP/1 downstream connection: its requests are
+    /// sequential, so one dedicated upstream connection serves them without a shared pool.
+    upstream_h1: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
     peer: SocketAddr,
     egress: Option<Arc<PortPolicy>>,
     ingress: Option<Arc<PortPolicy>>,
@@ -217,6 +220,7 @@ async fn handle_connection(
         None => Remote::world(Some(l.upstream.ip()), vec![]),
     };
     let conn = Arc::new(Conn {
+        upstream_h1: tokio::sync::Mutex::new(None),
         src_remote: state.remote(peer.ip()),
         dst_remote,
         egress,
@@ -354,7 +358,7 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
             text_reply(StatusCode::FORBIDDEN, conn.l.deny_body.clone())
         };
     }
-    forward(&conn.l, req, norm.as_str(), is_grpc).await
+    forward(&conn, req, norm.as_str(), is_grpc).await
 }
 
 fn text_reply(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -398,36 +402,69 @@ const HOP_BY_HOP: &[&str] = &[
 
 /// Forward upstream: gRPC over HTTP/2 (prior knowledge), everything else over HTTP/1.1
 /// (an HTTP/2 client is downgraded, as Envoy does by default).
-async fn forward(l: &Listener, req: Request<Incoming>, path: &str, grpc: bool) -> Response<Body> {
+async fn forward(conn: &Conn, req: Request<Incoming>, path: &str, grpc: bool) -> Response<Body> {
+    let l = &conn.l;
     let (mut parts, body) = req.into_parts();
-    let uri: Uri = match format!("http://{}{path}", l.upstream).parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return text_reply(
-                StatusCode::BAD_REQUEST,
-                Bytes::from_static(b"Bad request\r\n"),
-            );
-        }
-    };
-    parts.uri = uri;
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
     }
-    let client = if grpc {
-        parts.version = Version::HTTP_2;
-        &l.h2
+    let dedicated = !grpc && parts.version != Version::HTTP_2;
+    let target = if dedicated {
+        path.to_string()
     } else {
-        parts.version = Version::HTTP_11;
-        &l.h1
+        format!("http://{}{path}", l.upstream)
     };
-    match client.request(Request::from_parts(parts, body)).await {
+    let Ok(uri) = target.parse::<Uri>() else {
+        return text_reply(
+            StatusCode::BAD_REQUEST,
+            Bytes::from_static(b"Bad request\r\n"),
+        );
+    };
+    parts.uri = uri;
+    let result = if dedicated {
+        parts.version = Version::HTTP_11;
+        send_dedicated(conn, Request::from_parts(parts, body)).await
+    } else {
+        let client = if grpc {
+            parts.version = Version::HTTP_2;
+            &l.h2
+        } else {
+            parts.version = Version::HTTP_11;
+            &l.h1
+        };
+        client
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+    };
+    match result {
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(e) => {
-            tracing::debug!("upstream {}: {e}", l.upstream);
+            tracing::debug!("upstream {}: {e:#}", l.upstream);
             text_reply(
                 StatusCode::BAD_GATEWAY,
                 Bytes::from_static(b"Upstream unavailable\r\n"),
             )
         }
     }
+}
+
+/// Send on the connection's own upstream HTTP/1 connection, (re)connecting when needed.
+async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>> {
+    let mut slot = conn.upstream_h1.lock().await;
+    if slot.as_ref().is_none_or(|s| s.is_closed()) {
+        let stream = TcpStream::connect(conn.l.upstream).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *slot = Some(sender);
+    }
+    let Some(sender) = slot.as_mut() else {
+        anyhow::bail!("no upstream connection");
+    };
+    sender.ready().await?;
+    Ok(sender.send_request(req).await?)
 }
