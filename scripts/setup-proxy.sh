@@ -18,6 +18,9 @@ fi
 peers="$(cd "$(dirname "$0")/../.." && pwd)/shared/peers"
 if [ -x "$peers/install-py.sh" ]; then
   bash "$peers/install-py.sh" >/dev/null
+  # shellcheck disable=SC1091
+  venv=$(bash -c ". '$peers/env.sh' && echo \$VENV")
+  "$venv/bin/python" -c "import websockets" 2>/dev/null || "$venv/bin/pip" install -q websockets
   echo "[setup-proxy] grpcio venv ok"
 else
   echo "[setup-proxy] ERROR: $peers not found (the gRPC tests need ../shared/peers)" >&2

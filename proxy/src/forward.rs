@@ -249,7 +249,7 @@ async fn handle_connection(
         async move { Ok::<_, Infallible>(handle_request(conn, req).await) }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
@@ -402,10 +402,23 @@ const HOP_BY_HOP: &[&str] = &[
 
 /// Forward upstream: gRPC over HTTP/2 (prior knowledge), everything else over HTTP/1.1
 /// (an HTTP/2 client is downgraded, as Envoy does by default).
-async fn forward(conn: &Conn, req: Request<Incoming>, path: &str, grpc: bool) -> Response<Body> {
+async fn forward(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    path: &str,
+    grpc: bool,
+) -> Response<Body> {
     let l = &conn.l;
+    // An allowed `Upgrade` (WebSocket…) keeps its Upgrade/Connection headers and, when the
+    // origin answers 101, both sides are spliced.
+    let upgrade =
+        req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     for h in HOP_BY_HOP {
+        if upgrade && (*h == "upgrade" || *h == "connection") {
+            continue;
+        }
         parts.headers.remove(*h);
     }
     let dedicated = !grpc && parts.version != Version::HTTP_2;
@@ -438,7 +451,21 @@ async fn forward(conn: &Conn, req: Request<Incoming>, path: &str, grpc: bool) ->
             .map_err(|e| anyhow::anyhow!(e))
     };
     match result {
-        Ok(resp) => resp.map(|b| b.boxed()),
+        Ok(mut resp) => {
+            if let Some(down) = downstream_upgrade
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                        let mut down = TokioIo::new(down);
+                        let mut up = TokioIo::new(up);
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+            resp.map(|b| b.boxed())
+        }
         Err(e) => {
             tracing::debug!("upstream {}: {e:#}", l.upstream);
             text_reply(
@@ -458,7 +485,7 @@ async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
-            let _ = connection.await;
+            let _ = connection.with_upgrades().await;
         });
         *slot = Some(sender);
     }
