@@ -1,3 +1,4 @@
 //! Sans-IO protocol parsers: bytes in, typed values or a precise error out.
 
 pub mod path;
+pub mod tls;

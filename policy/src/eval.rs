@@ -346,6 +346,16 @@ impl PortPolicy {
         })
     }
 
+    /// True when some entry on this port has a `serverNames` allow-list (the proxy must read
+    /// the TLS ClientHello before deciding).
+    pub fn has_server_names(&self) -> bool {
+        self.candidates.iter().any(|c| {
+            c.port_rule
+                .as_ref()
+                .is_some_and(|p| !p.server_names.is_empty())
+        })
+    }
+
     fn port_matches(&self, c: &Candidate, remote: &Remote) -> bool {
         let Some(pr) = &c.port_rule else { return true };
         let named_ports = match self.direction {

@@ -61,6 +61,12 @@ pub struct GrpcFields {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct TlsFields {
+    /// The ClientHello's server name (absent when the client sent none).
+    pub sni: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct PolicyRef {
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -86,6 +92,8 @@ pub struct Record {
     pub http: Option<HttpFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,6 +244,7 @@ mod tests {
             destination: peer,
             http: None,
             grpc: None,
+            tls: None,
             policy: None,
             rule: None,
             enforcement: "enforce",

@@ -24,7 +24,7 @@ use tollgate_policy::l7::{GrpcCall, HttpRequest};
 use tollgate_policy::model::Direction;
 use tollgate_policy::peer::Remote;
 
-use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Peer, PolicyRef, Record};
+use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Peer, PolicyRef, Record, TlsFields};
 use crate::state::PolicyState;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -163,6 +163,18 @@ impl Conn {
         grpc: Option<GrpcFields>,
         trace_id: Option<String>,
     ) {
+        self.record_with_tls(v, protocol, http, grpc, None, trace_id)
+    }
+
+    fn record_with_tls(
+        &self,
+        v: &Verdict,
+        protocol: &'static str,
+        http: Option<HttpFields>,
+        grpc: Option<GrpcFields>,
+        tls: Option<TlsFields>,
+        trace_id: Option<String>,
+    ) {
         let verdict = match v.decision {
             Decision::Deny => "denied",
             Decision::AuditDeny => "audit-denied",
@@ -187,6 +199,7 @@ impl Conn {
             destination: self.peer_of(&self.dst_remote, dst_ip, self.l.policy_port),
             http,
             grpc,
+            tls,
             policy: v.policy.as_ref().map(|p| PolicyRef {
                 kind: p.kind.as_str().to_string(),
                 namespace: p.namespace.clone(),
@@ -231,9 +244,23 @@ async fn handle_connection(
     let has_l7 = conn.egress.as_ref().is_some_and(|p| p.has_l7())
         || conn.ingress.as_ref().is_some_and(|p| p.has_l7());
     if !has_l7 {
-        // L4 only: one verdict for the connection, then splice.
-        let v = conn.decide(None);
-        conn.record(&v, "tcp", None, None, None);
+        let sni_rules = conn.egress.as_ref().is_some_and(|p| p.has_server_names())
+            || conn.ingress.as_ref().is_some_and(|p| p.has_server_names());
+        // L4 (or TLS server-name) decision for the whole connection, then splice.
+        let mut first = Vec::new();
+        let v = if sni_rules {
+            let sni = read_client_hello(&mut stream, &mut first).await;
+            let v = conn.decide(Some(&L7Request::Tls {
+                sni: sni.as_deref(),
+            }));
+            let tls = Some(TlsFields { sni: sni.clone() });
+            conn.record_with_tls(&v, "tls", None, None, tls, None);
+            v
+        } else {
+            let v = conn.decide(None);
+            conn.record(&v, "tcp", None, None, None);
+            v
+        };
         if v.decision == Decision::Deny {
             return Ok(());
         }
@@ -241,6 +268,7 @@ async fn handle_connection(
             .await
             .with_context(|| format!("connect {}", l.upstream))?;
         let _ = up.set_nodelay(true);
+        tokio::io::AsyncWriteExt::write_all(&mut up, &first).await?;
         tokio::io::copy_bidirectional(&mut stream, &mut up).await?;
         return Ok(());
     }
@@ -253,6 +281,29 @@ async fn handle_connection(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Read the start of a TLS connection until its ClientHello is complete (bounded in size and
+/// time) and return its server name. Everything read is kept in `buf` to be replayed upstream.
+/// A connection that is not TLS, or whose hello is malformed or late, has no server name —
+/// so no `serverNames` rule can allow it (fail closed).
+async fn read_client_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tollgate_parsers::tls::{MAX_HELLO, TlsError, parse_client_hello};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_client_hello(buf) {
+            Ok(h) => return h.sni,
+            Err(TlsError::Incomplete) if buf.len() <= MAX_HELLO + 5 * 8 => {}
+            Err(_) => return None,
+        }
+        let read =
+            tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(stream, &mut chunk));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
 }
 
 /// Headers whose values an audit record may carry; every other header is left out.

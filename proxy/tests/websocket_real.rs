@@ -27,7 +27,10 @@ fn python() -> PathBuf {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(ok, "python `websockets` is missing: run scripts/setup-proxy.sh");
+    assert!(
+        ok,
+        "python `websockets` is missing: run scripts/setup-proxy.sh"
+    );
     py
 }
 
@@ -118,7 +121,11 @@ async fn websocket_upgrade_is_judged_then_spliced() {
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         }
     };
-    assert_eq!(run("/ws/public").await, "echo a|echo b", "frames flow both ways after 101");
+    assert_eq!(
+        run("/ws/public").await,
+        "echo a|echo b",
+        "frames flow both ways after 101"
+    );
     assert_eq!(run("/ws/admin").await, "status 403");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = std::fs::read_to_string(&audit).unwrap();
