@@ -33,7 +33,9 @@ async fn server_names_are_enforced_without_termination() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=api.example.com", "-keyout"])
         .arg(&key)
         .arg("-out")
@@ -45,7 +47,14 @@ async fn server_names_are_enforced_without_termination() {
     let port = free_port();
     let _server = Server(
         Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept", &port.to_string(), "-cert"])
+            .args([
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &port.to_string(),
+                "-cert",
+            ])
             .arg(&cert)
             .arg("-key")
             .arg(&key)
@@ -83,7 +92,15 @@ async fn server_names_are_enforced_without_termination() {
     tokio::spawn(serve_listener(l));
     let curl = |name: &'static str| async move {
         let out = tokio::process::Command::new("curl")
-            .args(["-sk", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args([
+                "-sk",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
             .arg("--resolve")
             .arg(format!("{name}:{}:127.0.0.1", addr.port()))
             .arg(format!("https://{name}:{}/", addr.port()))
@@ -92,10 +109,26 @@ async fn server_names_are_enforced_without_termination() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    assert_eq!(curl("api.example.com").await, "200", "allowed name: TLS spliced end to end");
-    assert_eq!(curl("x.svc.example.com").await, "200", "`*` within one label");
-    assert_eq!(curl("evil.example.com").await, "000", "denied name: connection closed");
-    assert_eq!(curl("a.b.svc.example.com").await, "000", "`*` never spans labels");
+    assert_eq!(
+        curl("api.example.com").await,
+        "200",
+        "allowed name: TLS spliced end to end"
+    );
+    assert_eq!(
+        curl("x.svc.example.com").await,
+        "200",
+        "`*` within one label"
+    );
+    assert_eq!(
+        curl("evil.example.com").await,
+        "000",
+        "denied name: connection closed"
+    );
+    assert_eq!(
+        curl("a.b.svc.example.com").await,
+        "000",
+        "`*` never spans labels"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let recs: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
         .unwrap()
