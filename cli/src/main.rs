@@ -6,6 +6,7 @@ mod eval_cmd;
 mod files;
 mod lint;
 mod normalize;
+mod observe;
 mod policytest;
 mod request;
 
@@ -38,6 +39,8 @@ enum Command {
     Eval(Box<eval_cmd::EvalArgs>),
     /// Run the L7 proxy standalone from policy files (fixed listeners).
     Proxy(Box<tollgate_proxy::ProxyArgs>),
+    /// Read audit records with filters (`--follow` to keep reading).
+    Observe(Box<observe::ObserveArgs>),
     /// Inspect the kernel datapath.
     #[command(subcommand)]
     Datapath(datapath_cmd::DatapathCommand),
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
         Command::Proxy(args) => run_proxy(args),
+        Command::Observe(args) => observe::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
