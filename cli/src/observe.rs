@@ -106,7 +106,7 @@ fn print(r: &Value, json: bool) {
     }
     let peer = |p: &Value| match (p["namespace"].as_str(), p["name"].as_str()) {
         (Some(ns), Some(n)) => format!("{ns}/{n}"),
-        _ => format!("{}", p["ip"].as_str().unwrap_or("?")),
+        _ => p["ip"].as_str().unwrap_or("?").to_string(),
     };
     let what = match r["protocol"].as_str() {
         Some("http") => format!(
