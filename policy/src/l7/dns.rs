@@ -313,6 +313,24 @@ mod tests {
             "only one of matchName or matchPattern may be set"
         );
         assert_eq!(
+            DnsPattern::compile(None, None).unwrap_err(),
+            L7Error::new("", "one of matchName or matchPattern is needed")
+        );
+        let long = "a".repeat(MAX_NAME + 1);
+        assert_eq!(
+            DnsPattern::compile(None, Some(&long)).unwrap_err(),
+            L7Error::new(
+                "matchPattern",
+                format!("must have 1 to {MAX_NAME} characters")
+            )
+        );
+        assert_eq!(
+            DnsPattern::compile(None, Some("a b.com"))
+                .unwrap_err()
+                .message,
+            "`a b.com` contains ` `: only letters, digits, `-`, `_`, `.` and `*` are allowed"
+        );
+        assert_eq!(
             DnsPattern::compile(Some("a*.com"), None).unwrap_err(),
             L7Error::new(
                 "matchName",

@@ -525,6 +525,33 @@ mod tests {
             err("{groupID: g}", false).message,
             "`groupID` is a TollgatePolicy extension"
         );
+        assert_eq!(
+            err("{transactionalID: t}", false).message,
+            "`transactionalID` is a TollgatePolicy extension"
+        );
+        assert_eq!(
+            err("{action: deny}", false),
+            L7Error::new("action", "`action` is a TollgatePolicy extension")
+        );
+        let long = format!("{{topic: {}}}", "t".repeat(256));
+        assert_eq!(
+            err(&long, false),
+            L7Error::new("topic", "a topic name has 1 to 255 characters")
+        );
+        assert_eq!(
+            err("{apiKey: '-1'}", false),
+            L7Error::new("apiKey", "unknown Kafka apiKey `-1`")
+        );
+        // Numbers are accepted as keys, and topic globs in TollgatePolicy documents.
+        let ok = |y: &str| {
+            let v = crate::yaml::parse_documents(y).unwrap().remove(0).value;
+            compile_kafka_rule(&serde_json::from_value(v).unwrap(), true)
+        };
+        assert!(ok("{apiKey: '18', topic: 'orders-*'}").is_ok());
+        assert_eq!(
+            err("{topic: 'a/b'}", true).message,
+            "`a/b` is not a valid topic name: only [a-zA-Z0-9._-] are allowed"
+        );
         assert_eq!(kafka_api_key("CreateTopics"), Some(19));
         assert_eq!(kafka_api_key_name(2), Some("listoffsets"));
     }
