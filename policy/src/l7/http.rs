@@ -611,6 +611,46 @@ mod tests {
                 "`10.0.0/8` is not a valid CIDR or IP address"
             )
         );
+        assert_eq!(
+            err("{headerMatches: [{name: a, cidr: ['10.0.0.0/8']}]}", false),
+            L7Error::new(
+                "headerMatches[0].cidr",
+                "`cidr` is a TollgatePolicy extension"
+            )
+        );
+        assert_eq!(
+            err("{headerMatches: [{name: a, cidr: []}]}", true),
+            L7Error::new("headerMatches[0].cidr", "needs at least one CIDR")
+        );
+        assert_eq!(
+            err("{headerMatches: [{name: a, value: b, regex: c}]}", true),
+            L7Error::new(
+                "headerMatches[0]",
+                "at most one of `value`, `regex` or `cidr` may be set"
+            )
+        );
+        assert_eq!(
+            err(
+                "{headerMatches: [{name: a, regex: 'b.*', mismatch: ADD}]}",
+                true
+            ),
+            L7Error::new(
+                "headerMatches[0].mismatch",
+                "ADD and REPLACE need an exact `value` to write"
+            )
+        );
+        assert_eq!(
+            err("{headerMatches: [{name: '', value: b}]}", false),
+            L7Error::new("headerMatches[0].name", "header name must not be empty")
+        );
+        assert_eq!(
+            err("{headers: ['ok', ' x']}", false),
+            L7Error::new("headers[1]", "header name must not be empty")
+        );
+        assert_eq!(
+            err("{headerMatches: [{name: a, regex: '[b'}]}", true).message,
+            "invalid regex `[b`: unclosed character class"
+        );
     }
 
     /// A naive reference: one regex per rule field, checked in a loop.
