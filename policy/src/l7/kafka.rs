@@ -223,7 +223,8 @@ pub fn compile_kafka_rule(r: &api::KafkaRule, ext: bool) -> Result<CompiledKafka
     Ok(CompiledKafkaRule {
         keys,
         version,
-        client_id: r.client_id.clone(),
+        // Cilium treats an empty clientID as "any client" (§8.3 compares only when set).
+        client_id: r.client_id.clone().filter(|c| !c.is_empty()),
         topic: r.topic.clone(),
         group_id: r.group_id.clone(),
         transactional_id: r.transactional_id.clone(),
@@ -554,6 +555,19 @@ mod tests {
         );
         assert_eq!(kafka_api_key("CreateTopics"), Some(19));
         assert_eq!(kafka_api_key_name(2), Some("listoffsets"));
+    }
+
+    #[test]
+    fn empty_client_id_means_any_client_8_3() {
+        let s = set(&["{clientID: ''}"]);
+        let mut r = req(0, &["t"]);
+        r.api_version = 0;
+        assert!(s.evaluate(&r).allowed);
+        // A non-empty clientID never matches a v0 request (the id is read only from v1+).
+        let s = set(&["{clientID: client-1}"]);
+        assert!(!s.evaluate(&r).allowed);
+        r.api_version = 1;
+        assert!(s.evaluate(&r).allowed);
     }
 
     /// Naive reference for the set cover: a topic is covered if some allow rule matching the
