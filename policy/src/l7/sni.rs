@@ -80,6 +80,24 @@ mod tests {
                 .unwrap()
                 .matches("exact.example.com.")
         );
-        assert!(ServerNamePattern::new("a b").is_err());
+        // `**` needs at least one label before the suffix; `*` may be empty within a label.
+        assert!(
+            !ServerNamePattern::new("**.example.com")
+                .unwrap()
+                .matches("example.com")
+        );
+        assert!(
+            ServerNamePattern::new("api*.example.com")
+                .unwrap()
+                .matches("api.example.com")
+        );
+        assert_eq!(
+            ServerNamePattern::new("a b").unwrap_err(),
+            L7Error::new("", "`a b` contains ` `, which a server name cannot")
+        );
+        assert_eq!(
+            ServerNamePattern::new("").unwrap_err(),
+            L7Error::new("", "a server name has 1 to 255 characters")
+        );
     }
 }
