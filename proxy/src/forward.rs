@@ -29,15 +29,28 @@ use crate::state::PolicyState;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Where a listener's connections go.
+#[derive(Debug, Clone)]
+enum Destination {
+    /// Fixed mode: one destination endpoint; `policy_port` is the port policy sees (the
+    /// destination's port as the workload addresses it).
+    Fixed {
+        name: String,
+        idx: usize,
+        policy_port: u16,
+        upstream: SocketAddr,
+    },
+    /// Transparent mode: the datapath assigned the flow to this socket; the accepted socket's
+    /// local address is the original destination, and the destination endpoint is whoever
+    /// owns that address.
+    Transparent,
+}
+
 /// A bound listener and where it forwards.
 #[derive(Debug)]
 pub struct Listener {
     tcp: TcpListener,
-    dest_name: String,
-    dest_idx: Option<usize>,
-    /// The port policy sees (the destination's port as the workload addresses it).
-    policy_port: u16,
-    upstream: SocketAddr,
+    dest: Destination,
     state: Arc<PolicyState>,
     sink: AuditSink,
     deny_body: Bytes,
@@ -65,23 +78,71 @@ impl Listener {
             ),
             None => (dest, upstream.port()),
         };
-        let dest_idx = state.endpoint_index(name);
-        if dest_idx.is_none() {
+        let Some(idx) = state.endpoint_index(name) else {
             anyhow::bail!("destination `{name}` is not in the endpoints inventory");
-        }
+        };
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listen on {addr}"))?;
+        let dest = Destination::Fixed {
+            name: name.to_string(),
+            idx,
+            policy_port,
+            upstream,
+        };
+        Ok(Listener::new(tcp, dest, state, sink, deny_body))
+    }
+
+    /// A transparent listener (`IP_TRANSPARENT`) for flows the datapath redirects to `addr`
+    /// (`bpf_sk_assign`); needs CAP_NET_ADMIN.
+    pub async fn bind_transparent(
+        addr: SocketAddr,
+        state: Arc<PolicyState>,
+        sink: AuditSink,
+        deny_body: &str,
+    ) -> Result<Listener> {
+        let domain = if addr.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv4() {
+            sock.set_ip_transparent_v4(true)
+                .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+        } else {
+            sock.set_ip_transparent_v6(true)
+                .context("IPV6_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+        }
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())
+            .with_context(|| format!("bind transparent listener {addr}"))?;
+        sock.listen(1024)?;
+        let tcp = TcpListener::from_std(sock.into())?;
+        Ok(Listener::new(
+            tcp,
+            Destination::Transparent,
+            state,
+            sink,
+            deny_body,
+        ))
+    }
+
+    fn new(
+        tcp: TcpListener,
+        dest: Destination,
+        state: Arc<PolicyState>,
+        sink: AuditSink,
+        deny_body: &str,
+    ) -> Listener {
         let mut body = deny_body.to_string();
         if !body.ends_with("\r\n") {
             body.push_str("\r\n");
         }
-        Ok(Listener {
+        Listener {
             tcp,
-            dest_name: name.to_string(),
-            dest_idx,
-            policy_port,
-            upstream,
+            dest,
             state,
             sink,
             deny_body: Bytes::from(body),
@@ -90,15 +151,19 @@ impl Listener {
             h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build_http(),
-        })
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
 
-    pub fn destination(&self) -> &str {
-        &self.dest_name
+    /// The fixed destination endpoint, or `None` for a transparent listener.
+    pub fn destination(&self) -> Option<&str> {
+        match &self.dest {
+            Destination::Fixed { name, .. } => Some(name),
+            Destination::Transparent => None,
+        }
     }
 }
 
@@ -120,6 +185,9 @@ pub async fn serve_listener(l: Listener) -> Result<()> {
 /// What every request of one connection shares.
 struct Conn {
     l: Arc<Listener>,
+    /// Where this connection's traffic goes, and the port policy rules name.
+    upstream: SocketAddr,
+    policy_port: u16,
     /// The upstream connection of an HTTP/1 downstream connection: its requests are
     /// sequential, so one dedicated upstream connection serves them without a shared pool.
     upstream_h1: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
@@ -180,7 +248,7 @@ impl Conn {
             Decision::AuditDeny => "audit-denied",
             Decision::Allow => return,
         };
-        let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.l.upstream.ip());
+        let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.upstream.ip());
         self.l.sink.record(Record {
             schema: audit::SCHEMA,
             time: audit::now_rfc3339(),
@@ -196,7 +264,7 @@ impl Conn {
                 .unwrap_or_default(),
             protocol,
             source: self.peer_of(&self.src_remote, self.peer.ip(), self.peer.port()),
-            destination: self.peer_of(&self.dst_remote, dst_ip, self.l.policy_port),
+            destination: self.peer_of(&self.dst_remote, dst_ip, self.policy_port),
             http,
             grpc,
             tls,
@@ -221,19 +289,30 @@ async fn handle_connection(
     peer: SocketAddr,
 ) -> Result<()> {
     let state = &l.state;
-    let port = l.policy_port;
+    let (dest_idx, port, upstream) = match &l.dest {
+        Destination::Fixed {
+            idx,
+            policy_port,
+            upstream,
+            ..
+        } => (Some(*idx), *policy_port, *upstream),
+        Destination::Transparent => {
+            let orig = stream.local_addr()?;
+            (state.endpoint_by_ip(orig.ip()), orig.port(), orig)
+        }
+    };
     let egress = state
         .endpoint_by_ip(peer.ip())
         .map(|i| state.port_policy(i, Direction::Egress, port));
-    let ingress = l
-        .dest_idx
-        .map(|i| state.port_policy(i, Direction::Ingress, port));
-    let dst_remote = match l.dest_idx {
+    let ingress = dest_idx.map(|i| state.port_policy(i, Direction::Ingress, port));
+    let dst_remote = match dest_idx {
         Some(i) => Remote::endpoint(state.endpoint(i)),
-        None => Remote::world(Some(l.upstream.ip()), vec![]),
+        None => Remote::world(Some(upstream.ip()), vec![]),
     };
     let conn = Arc::new(Conn {
         upstream_h1: tokio::sync::Mutex::new(None),
+        upstream,
+        policy_port: port,
         src_remote: state.remote(peer.ip()),
         dst_remote,
         egress,
@@ -264,9 +343,9 @@ async fn handle_connection(
         if v.decision == Decision::Deny {
             return Ok(());
         }
-        let mut up = TcpStream::connect(l.upstream)
+        let mut up = TcpStream::connect(conn.upstream)
             .await
-            .with_context(|| format!("connect {}", l.upstream))?;
+            .with_context(|| format!("connect {}", conn.upstream))?;
         let _ = up.set_nodelay(true);
         tokio::io::AsyncWriteExt::write_all(&mut up, &first).await?;
         tokio::io::copy_bidirectional(&mut stream, &mut up).await?;
@@ -476,7 +555,7 @@ async fn forward(
     let target = if dedicated {
         path.to_string()
     } else {
-        format!("http://{}{path}", l.upstream)
+        format!("http://{}{path}", conn.upstream)
     };
     let Ok(uri) = target.parse::<Uri>() else {
         return text_reply(
@@ -518,7 +597,7 @@ async fn forward(
             resp.map(|b| b.boxed())
         }
         Err(e) => {
-            tracing::debug!("upstream {}: {e:#}", l.upstream);
+            tracing::debug!("upstream {}: {e:#}", conn.upstream);
             text_reply(
                 StatusCode::BAD_GATEWAY,
                 Bytes::from_static(b"Upstream unavailable\r\n"),
@@ -531,7 +610,7 @@ async fn forward(
 async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>> {
     let mut slot = conn.upstream_h1.lock().await;
     if slot.as_ref().is_none_or(|s| s.is_closed()) {
-        let stream = TcpStream::connect(conn.l.upstream).await?;
+        let stream = TcpStream::connect(conn.upstream).await?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

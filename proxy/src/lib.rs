@@ -1,9 +1,11 @@
 //! The node-local L7 proxy.
 //!
-//! One tokio runtime, one task per connection. A listener forwards to one destination
-//! endpoint (fixed mode: `--listen 127.0.0.1:15080 --to api-server@127.0.0.1:18080`); the
-//! source endpoint is found by the client's IP in the endpoints inventory (anything else is
-//! the world). Per connection the proxy takes the [`PortPolicy`] of the source's egress and of
+//! One tokio runtime, one task per connection. A fixed listener forwards to one destination
+//! endpoint (`--listen 127.0.0.1:15080 --to api-server@127.0.0.1:18080`); a transparent
+//! listener (`--transparent 127.0.0.1:15001`) receives the flows the eBPF datapath assigns to
+//! it, and the accepted socket's local address is the original destination. The source (and
+//! in transparent mode the destination) endpoint is found by IP in the endpoints inventory;
+//! anything else is the world. Per connection the proxy takes the [`PortPolicy`] of the source's egress and of
 //! the destination's ingress (cached, from the one evaluator in `tollgate-policy`):
 //!
 //! * no L7 rules on either side: one L3/L4 verdict, then the bytes are spliced
@@ -38,12 +40,16 @@ pub struct ProxyArgs {
     /// Endpoints inventory (IP → endpoint and labels).
     #[arg(long)]
     pub endpoints: PathBuf,
-    /// Listen address (repeatable; pairs with `--to` in order).
-    #[arg(long = "listen", required = true)]
+    /// Fixed listener address (repeatable; pairs with `--to` in order).
+    #[arg(long = "listen")]
     pub listen: Vec<SocketAddr>,
-    /// Destination of the listener: `ENDPOINT@ADDR` (repeatable).
-    #[arg(long = "to", required = true)]
+    /// Destination of a fixed listener: `ENDPOINT[:PORT]@ADDR` (repeatable).
+    #[arg(long = "to")]
     pub to: Vec<String>,
+    /// Transparent listener for flows the datapath redirects (`IP_TRANSPARENT`; the original
+    /// destination is the accepted socket's local address). Repeatable.
+    #[arg(long = "transparent")]
+    pub transparent: Vec<SocketAddr>,
     /// Audit log: a file path, or `-` for stdout.
     #[arg(long, default_value = "-")]
     pub audit_log: String,
@@ -58,6 +64,9 @@ pub struct ProxyArgs {
 
 /// Run the proxy until the process is stopped.
 pub async fn run(args: ProxyArgs) -> Result<()> {
+    if args.listen.is_empty() && args.transparent.is_empty() {
+        bail!("give at least one --listen ADDR --to ENDPOINT@ADDR, or --transparent ADDR");
+    }
     if args.listen.len() != args.to.len() {
         bail!(
             "give one --to per --listen ({} listen, {} to)",
@@ -88,6 +97,12 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         )
         .await?;
         eprintln!("tollgate proxy: {addr} -> {name}@{upstream}");
+        tasks.push(tokio::spawn(serve_listener(listener)));
+    }
+    for addr in &args.transparent {
+        let listener =
+            Listener::bind_transparent(*addr, state.clone(), sink.clone(), &args.deny_body).await?;
+        eprintln!("tollgate proxy: transparent listener on {addr}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }
     for t in tasks {
