@@ -27,6 +27,14 @@ struct Nginx {
 
 impl Nginx {
     fn start() -> Nginx {
+        Self::start_with(
+            "location / { return 200 \"origin $request_method $request_uri\\n\"; }",
+            "",
+        )
+    }
+
+    /// nginx with `location` in the server on the returned port, plus `extra` server blocks.
+    fn start_with(location: &str, extra: &str) -> Nginx {
         need("nginx");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -36,8 +44,8 @@ impl Nginx {
              events {{ worker_connections 256; }}\n\
              http {{ access_log off; client_body_temp_path {d}/b; proxy_temp_path {d}/p;\n\
                fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
-               server {{ listen 127.0.0.1:{port};\n\
-                 location / {{ return 200 \"origin $request_method $request_uri\\n\"; }} }} }}\n"
+               client_max_body_size 0;\n\
+               server {{ listen 127.0.0.1:{port}; {location} }} {extra} }}\n"
         );
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
@@ -348,4 +356,49 @@ async fn conflicting_framing_never_lets_a_smuggled_request_through() {
     let dup = b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello";
     let statuses = raw_exchange(p.addr, "127.0.0.10", dup).await;
     assert_eq!(statuses, vec!["HTTP/1.1 400 Bad Request"]);
+}
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_with_expect_continue_in_bounded_memory() {
+    // nginx reads the whole body (proxy_pass to a second server) and answers at the end.
+    let inner = free_port();
+    let origin = Nginx::start_with(
+        &format!("location / {{ proxy_pass http://127.0.0.1:{inner}; }}"),
+        &format!(
+            "server {{ listen 127.0.0.1:{inner}; location / {{ return 200 \"got it\\n\"; }} }}"
+        ),
+    );
+    let p = start_proxy(None, "api-server:8080", origin.port).await;
+    let before = peak_rss_kb();
+    // 256 MiB, chunked, from a pipe; curl sends `Expect: 100-continue` first.
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 268435456 /dev/zero | curl -s --interface 127.0.0.10 -X POST -H 'Authorization: x' \
+             -H 'Transfer-Encoding: chunked' -H 'Expect: 100-continue' --data-binary @- \
+             -w '%{{http_code}} %{{size_upload}}' http://{}/api/v1/users",
+            p.addr
+        ))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, uploaded) = text.rsplit_once(' ').unwrap();
+    assert_eq!(body, "got it\n200");
+    // Chunk framing adds a few bytes on top of the 256 MiB payload.
+    assert!(uploaded.parse::<u64>().unwrap() >= 268_435_456, "{text}");
+    let grown_mb = (peak_rss_kb() - before) / 1024;
+    assert!(
+        grown_mb < 64,
+        "the body was buffered: peak RSS grew by {grown_mb} MiB"
+    );
 }
