@@ -186,6 +186,7 @@ pub fn combine(egress: Option<&Verdict>, ingress: Option<&Verdict>) -> Verdict {
             log: None,
             denied_topics: vec![],
             detail: None,
+            header_edits: vec![],
         })
 }
 

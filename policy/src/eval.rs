@@ -127,6 +127,10 @@ pub struct Verdict {
     /// Free-text detail, e.g. why a request was refused as malformed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Header changes the proxy must make before forwarding an allowed request (Cilium's
+    /// `headerMatches` mismatch actions).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub header_edits: Vec<l7::HeaderEdit>,
 }
 
 impl Verdict {
@@ -141,6 +145,7 @@ impl Verdict {
             log: None,
             denied_topics: Vec::new(),
             detail: None,
+            header_edits: Vec::new(),
         }
     }
 
@@ -479,15 +484,30 @@ impl PortPolicy {
         if let L7Request::Kafka(kreq) = request {
             return kafka_cover(allows, kreq, dir);
         }
-        // 4. Any allow rule.
+        // 4. Any allow rule. Header mismatch actions of every matching allow rule run
+        //    (§7.3: with header matches, Envoy evaluates every rule).
+        let mut first: Option<Verdict> = None;
+        let mut edits = Vec::new();
         for c in allows {
             hits.clear();
-            if let Some(rules) = match_l7(l7_of(c), request, &mut hits)
-                && let Some(&i) = hits.iter().find(|&&i| rules[i].1 == RuleAction::Allow)
-            {
-                return Verdict::new(Decision::Allow, Reason::L7Allow, dir)
-                    .by(c, Some(rules[i].0.clone()));
+            let Some(rules) = match_l7(l7_of(c), request, &mut hits) else {
+                continue;
+            };
+            for &i in hits.iter().filter(|&&i| rules[i].1 == RuleAction::Allow) {
+                if first.is_none() {
+                    first = Some(
+                        Verdict::new(Decision::Allow, Reason::L7Allow, dir)
+                            .by(c, Some(rules[i].0.clone())),
+                    );
+                }
+                if let (L7::Http(l), L7Request::Http { request, .. }) = (l7_of(c), request) {
+                    edits.extend(l.set.header_edits(i, request));
+                }
             }
+        }
+        if let Some(mut v) = first {
+            v.header_edits = edits;
+            return v;
         }
         let c = most_specific(allows);
         let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));

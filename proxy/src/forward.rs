@@ -208,7 +208,14 @@ impl Conn {
             .ingress
             .as_ref()
             .map(|pp| pp.evaluate(&self.src_remote, request));
-        combine(e.as_ref(), i.as_ref())
+        let mut v = combine(e.as_ref(), i.as_ref());
+        // Header edits of both sides apply to an allowed request.
+        v.header_edits = e
+            .into_iter()
+            .chain(i)
+            .flat_map(|x| x.header_edits)
+            .collect();
+        v
     }
 
     fn peer_of(&self, remote: &Remote, ip: std::net::IpAddr, port: u16) -> Peer {
@@ -488,7 +495,35 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
             text_reply(StatusCode::FORBIDDEN, conn.l.deny_body.clone())
         };
     }
+    let mut req = req;
+    apply_header_edits(req.headers_mut(), &verdict.header_edits);
     forward(&conn, req, norm.as_str(), is_grpc).await
+}
+
+/// Cilium's `headerMatches` mismatch actions (§7.3), decided by the evaluator.
+fn apply_header_edits(headers: &mut HeaderMap, edits: &[tollgate_policy::l7::HeaderEdit]) {
+    use tollgate_policy::l7::HeaderEditAction;
+    for e in edits {
+        let Ok(name) = http::HeaderName::from_bytes(e.name.as_bytes()) else {
+            continue;
+        };
+        match &e.action {
+            HeaderEditAction::Log => tracing::info!("header `{}` did not match policy", e.name),
+            HeaderEditAction::Delete => {
+                headers.remove(&name);
+            }
+            HeaderEditAction::Add(v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    headers.append(name, v);
+                }
+            }
+            HeaderEditAction::Replace(v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    headers.insert(name, v);
+                }
+            }
+        }
+    }
 }
 
 fn text_reply(status: StatusCode, body: Bytes) -> Response<Body> {

@@ -402,3 +402,41 @@ async fn large_bodies_stream_with_expect_continue_in_bounded_memory() {
         "the body was buffered: peak RSS grew by {grown_mb} MiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_mismatch_actions_rewrite_the_forwarded_request() {
+    let origin = Nginx::start_with(
+        "location / { return 200 \"tenant=$http_x_tenant debug=$http_x_debug\\n\"; }",
+        "",
+    );
+    let extra = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: tenants, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: api-server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts:\n    - ports: [{port: \"7000\", protocol: TCP}]\n      rules:\n        http:\n        - path: /t\n          headerMatches:\n          - {name: X-Tenant, value: acme, mismatch: REPLACE}\n          - {name: X-Debug, value: \"off\", mismatch: DELETE}\n";
+    let p = start_proxy(Some(extra), "api-server:7000", origin.port).await;
+    let url = format!("http://{}/t", p.addr);
+    let (code, body) = curl(
+        "127.0.0.10",
+        &["-H", "X-Tenant: evil", "-H", "X-Debug: on"],
+        &url,
+    )
+    .await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "tenant=acme debug=\n"),
+        "REPLACE and DELETE applied"
+    );
+    let (code, body) = curl("127.0.0.10", &[], &url).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "tenant=acme debug=\n"),
+        "REPLACE adds a missing header"
+    );
+    let (_, body) = curl(
+        "127.0.0.10",
+        &["-H", "X-Tenant: acme", "-H", "X-Debug: off"],
+        &url,
+    )
+    .await;
+    assert_eq!(
+        body, "tenant=acme debug=off\n",
+        "matching values are left alone"
+    );
+}

@@ -85,13 +85,14 @@ struct HeaderCheck {
 }
 
 /// What the proxy must do to a request's headers after a rule with `mismatch` matched.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HeaderEdit {
     pub name: String,
     pub action: HeaderEditAction,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HeaderEditAction {
     /// Only record the header as mismatched in the audit record.
     Log,
