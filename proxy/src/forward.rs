@@ -52,6 +52,7 @@ pub struct Listener {
     tcp: TcpListener,
     dest: Destination,
     state: Arc<PolicyState>,
+    metrics: Arc<crate::metrics::Metrics>,
     sink: AuditSink,
     deny_body: Bytes,
     node: String,
@@ -144,6 +145,7 @@ impl Listener {
             tcp,
             dest,
             state,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             sink,
             deny_body: Bytes::from(body),
             node: audit::node_name(),
@@ -156,6 +158,12 @@ impl Listener {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// Count this listener's decisions in `metrics` (shared by all listeners of a proxy).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Listener {
+        self.metrics = metrics;
+        self
     }
 
     /// The fixed destination endpoint, or `None` for a transparent listener.
@@ -250,6 +258,7 @@ impl Conn {
         tls: Option<TlsFields>,
         trace_id: Option<String>,
     ) {
+        self.l.metrics.observe(v, protocol);
         let verdict = match v.decision {
             Decision::Deny => "denied",
             Decision::AuditDeny => "audit-denied",
@@ -474,12 +483,14 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
         };
         conn.decide(Some(&l7))
     };
-    if verdict.decision != Decision::Allow {
+    let protocol = if is_grpc { "grpc" } else { "http" };
+    if verdict.decision == Decision::Allow {
+        conn.l.metrics.observe(&verdict, protocol);
+    } else {
         let grpc = grpc_call.map(|(s, m)| GrpcFields {
             service: s.to_string(),
             method: m.to_string(),
         });
-        let protocol = if is_grpc { "grpc" } else { "http" };
         conn.record(
             &verdict,
             protocol,

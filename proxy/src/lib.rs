@@ -20,6 +20,7 @@
 
 pub mod audit;
 mod forward;
+pub mod metrics;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -57,6 +58,9 @@ pub struct ProxyArgs {
     /// (and counted).
     #[arg(long, default_value_t = 65536)]
     pub audit_queue: usize,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Body of HTTP 403 replies.
     #[arg(long, default_value = "Access denied")]
     pub deny_body: String,
@@ -79,7 +83,16 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         tracing::warn!("{d} (this rule was not loaded)");
     }
     let sink = audit::AuditSink::start(audit::Output::parse(&args.audit_log)?, args.audit_queue);
+    let metrics = Arc::new(metrics::Metrics::new());
     let mut tasks = Vec::new();
+    if let Some(addr) = args.metrics {
+        eprintln!("tollgate proxy: metrics on http://{addr}/metrics");
+        tasks.push(tokio::spawn(metrics::serve(
+            addr,
+            metrics.clone(),
+            sink.clone(),
+        )));
+    }
     for (addr, to) in args.listen.iter().zip(&args.to) {
         let (name, upstream) = to
             .split_once('@')
@@ -95,13 +108,16 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             sink.clone(),
             &args.deny_body,
         )
-        .await?;
+        .await?
+        .with_metrics(metrics.clone());
         eprintln!("tollgate proxy: {addr} -> {name}@{upstream}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }
     for addr in &args.transparent {
         let listener =
-            Listener::bind_transparent(*addr, state.clone(), sink.clone(), &args.deny_body).await?;
+            Listener::bind_transparent(*addr, state.clone(), sink.clone(), &args.deny_body)
+                .await?
+                .with_metrics(metrics.clone());
         eprintln!("tollgate proxy: transparent listener on {addr}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }

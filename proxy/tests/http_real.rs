@@ -440,3 +440,57 @@ async fn header_mismatch_actions_rewrite_the_forwarded_request() {
         "matching values are left alone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_verdicts_and_rule_hits_on_the_metrics_endpoint() {
+    use tollgate_proxy::metrics::{Metrics, serve};
+    let origin = Nginx::start();
+    let mut set = PolicySet::default();
+    let p = repo().join("conformance/policies/gateway/policies.yaml");
+    set.load_str("gateway.yaml", &std::fs::read_to_string(p).unwrap());
+    let state = Arc::new(PolicyState::new(
+        set,
+        Inventory::from_yaml(ENDPOINTS).unwrap(),
+        1,
+    ));
+    let sink = AuditSink::start(
+        Output::File(std::env::temp_dir().join(format!("tg-metrics-{}.jsonl", std::process::id()))),
+        64,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let l = Listener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        "api-server:8080",
+        format!("127.0.0.1:{}", origin.port).parse().unwrap(),
+        state,
+        sink.clone(),
+        "Access denied",
+    )
+    .await
+    .unwrap()
+    .with_metrics(metrics.clone());
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(serve_listener(l));
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    tokio::spawn(serve(maddr, metrics, sink));
+    for path in ["/public/a", "/public/b", "/admin/x"] {
+        curl("127.0.0.10", &[], &format!("http://{addr}{path}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (code, text) = curl("127.0.0.1", &[], &format!("http://{maddr}/metrics")).await;
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("tollgate_requests_total{verdict=\"allow\",protocol=\"http\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tollgate_requests_total{verdict=\"deny\",protocol=\"http\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tollgate_rule_hits_total{policy=\"prod/api-gateway\",rule=\"spec.ingress[0].toPorts[0].rules.http[0]\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("tollgate_audit_records_written 1"), "{text}");
+    assert!(text.contains("tollgate_audit_records_shed 0"), "{text}");
+}

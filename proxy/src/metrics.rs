@@ -1,0 +1,166 @@
+//! Prometheus metrics of the proxy, served on `--metrics ADDR` at `/metrics`.
+//!
+//! - `tollgate_requests_total{verdict, protocol}`: every decided request or connection;
+//! - `tollgate_rule_hits_total{policy, rule}`: decisions per deciding rule, so unused rules
+//!   show up as absent series. Cardinality is bounded: after [`MAX_RULE_SERIES`] distinct
+//!   rules, further ones are counted under `policy="_other", rule="_other"`;
+//! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
+//!   record is never silent).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tollgate_policy::eval::{Decision, Verdict};
+
+use crate::audit::AuditSink;
+
+pub const MAX_RULE_SERIES: usize = 1024;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verdict: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    policy: String,
+    rule: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    rule_hits: Family<RuleLabels, Counter>,
+    rules_seen: Mutex<HashSet<(String, String)>>,
+    written: Gauge,
+    shed: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let rule_hits = Family::<RuleLabels, Counter>::default();
+        let written = Gauge::default();
+        let shed = Gauge::default();
+        registry.register(
+            "tollgate_requests",
+            "Requests and connections decided, by verdict and protocol",
+            requests.clone(),
+        );
+        registry.register(
+            "tollgate_rule_hits",
+            "Decisions attributed to each policy rule (bounded cardinality)",
+            rule_hits.clone(),
+        );
+        registry.register(
+            "tollgate_audit_records_written",
+            "Audit records written by the sink",
+            written.clone(),
+        );
+        registry.register(
+            "tollgate_audit_records_shed",
+            "Audit records shed because the sink fell behind",
+            shed.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            rule_hits,
+            rules_seen: Mutex::new(HashSet::new()),
+            written,
+            shed,
+        }
+    }
+
+    /// Count one decision.
+    pub fn observe(&self, v: &Verdict, protocol: &'static str) {
+        let verdict = match v.decision {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::AuditDeny => "audit-deny",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { verdict, protocol })
+            .inc();
+        let Some(policy) = &v.policy else { return };
+        let mut key = (policy.to_string(), v.rule.clone().unwrap_or_default());
+        if let Ok(mut seen) = self.rules_seen.lock()
+            && !seen.contains(&key)
+        {
+            if seen.len() >= MAX_RULE_SERIES {
+                key = ("_other".to_string(), "_other".to_string());
+            } else {
+                seen.insert(key.clone());
+            }
+        }
+        self.rule_hits
+            .get_or_create(&RuleLabels {
+                policy: key.0,
+                rule: key.1,
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the audit gauges refreshed from `sink`.
+    pub fn render(&self, sink: &AuditSink) -> String {
+        self.written.set(sink.written() as i64);
+        self.shed.set(sink.shed() as i64);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serve `/metrics` on `addr` until the process stops.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: std::sync::Arc<Metrics>,
+    sink: AuditSink,
+) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/metrics" {
+                    metrics.render(&sink)
+                } else {
+                    String::new()
+                };
+                let status = if body.is_empty() { 404 } else { 200 };
+                async move {
+                    let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
