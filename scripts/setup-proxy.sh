@@ -3,7 +3,7 @@
 # h2load as clients). Debian packages; nothing is started here.
 set -euo pipefail
 missing=()
-for bin_pkg in nginx:nginx curl:curl h2load:nghttp2-client openssl:openssl; do
+for bin_pkg in nginx:nginx curl:curl h2load:nghttp2-client openssl:openssl tinyproxy:tinyproxy; do
   bin=${bin_pkg%%:*}; pkg=${bin_pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
 done

@@ -447,19 +447,30 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
             .collect(),
     };
     let trace = trace_id(req.headers());
-    let norm = match normalize(&target, Options::default()) {
-        Ok(n) => n,
-        Err(e) => {
-            let v = Verdict::malformed(Direction::Ingress, format!("path `{target}`: {e}"));
-            conn.record(&v, "http", Some(http_fields(&target)), None, trace);
-            return text_reply(
-                StatusCode::BAD_REQUEST,
-                Bytes::from_static(b"Bad request\r\n"),
-            );
+    // CONNECT has no path: it is judged on method CONNECT and host = the requested authority.
+    let connect = req.method() == http::Method::CONNECT;
+    let norm = if connect {
+        None
+    } else {
+        match normalize(&target, Options::default()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                let v = Verdict::malformed(Direction::Ingress, format!("path `{target}`: {e}"));
+                conn.record(&v, "http", Some(http_fields(&target)), None, trace);
+                return text_reply(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(b"Bad request\r\n"),
+                );
+            }
         }
     };
+    let policy_path = norm.as_ref().map(|n| n.as_str()).unwrap_or("");
+    // What is sent upstream: the normalised path, or the CONNECT authority.
+    let forward_target = if connect { host.as_str() } else { policy_path };
     let grpc_call = if is_grpc {
-        norm.path()
+        norm.as_ref()
+            .map(|n| n.path())
+            .unwrap_or("")
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
             .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
@@ -475,7 +486,7 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
         let l7 = L7Request::Http {
             request: HttpRequest {
                 method: req.method().as_str(),
-                path: norm.as_str(),
+                path: policy_path,
                 host: &host,
                 headers: &hdrs,
             },
@@ -494,7 +505,7 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
         conn.record(
             &verdict,
             protocol,
-            Some(http_fields(norm.as_str())),
+            Some(http_fields(forward_target)),
             grpc,
             trace,
         );
@@ -508,7 +519,8 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
     }
     let mut req = req;
     apply_header_edits(req.headers_mut(), &verdict.header_edits);
-    forward(&conn, req, norm.as_str(), is_grpc).await
+    let forward_target = forward_target.to_string();
+    forward(&conn, req, &forward_target, is_grpc).await
 }
 
 /// Cilium's `headerMatches` mismatch actions (§7.3), decided by the evaluator.
@@ -587,8 +599,10 @@ async fn forward(
     let l = &conn.l;
     // An allowed `Upgrade` (WebSocket…) keeps its Upgrade/Connection headers and, when the
     // origin answers 101, both sides are spliced.
-    let upgrade =
-        req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE);
+    // CONNECT likewise: a 2xx from upstream turns both connections into a tunnel.
+    let connect = req.method() == http::Method::CONNECT;
+    let upgrade = connect
+        || (req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE));
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     for h in HOP_BY_HOP {
@@ -629,7 +643,8 @@ async fn forward(
     match result {
         Ok(mut resp) => {
             if let Some(down) = downstream_upgrade
-                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && (resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (connect && resp.status().is_success()))
             {
                 let up = hyper::upgrade::on(&mut resp);
                 tokio::spawn(async move {

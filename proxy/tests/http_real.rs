@@ -494,3 +494,72 @@ async fn metrics_count_verdicts_and_rule_hits_on_the_metrics_endpoint() {
     assert!(text.contains("tollgate_audit_records_written 1"), "{text}");
     assert!(text.contains("tollgate_audit_records_shed 0"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_judged_then_tunnelled_through_a_real_forward_proxy() {
+    need("tinyproxy");
+    let origin = Nginx::start();
+    // tinyproxy is the real forward proxy behind tollgate; it allows CONNECT to any port.
+    let dir = tempfile::tempdir().unwrap();
+    let tp_port = free_port();
+    let conf = dir.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Port {tp_port}\nListen 127.0.0.1\nAllow 127.0.0.1\nMaxClients 16\nLogLevel Critical\n"
+        ),
+    )
+    .unwrap();
+    let mut tp = Command::new("tinyproxy")
+        .arg("-d")
+        .arg("-c")
+        .arg(&conf)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", tp_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let extra = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: egress-proxy, namespace: prod}}\nspec:\n  endpointSelector: {{matchLabels: {{app: api-server}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: frontend}}}}]\n    toPorts:\n    - ports: [{{port: \"3128\", protocol: TCP}}]\n      rules:\n        http: [{{method: CONNECT, host: \"127.0.0.1:{}\"}}]\n",
+        origin.port
+    );
+    let p = start_proxy(Some(&extra), "api-server:3128", tp_port).await;
+    let via = |target: String| async move {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                "--interface",
+                "127.0.0.10",
+                "-p",
+                "-x",
+            ])
+            .arg(format!("http://{}", p.addr))
+            .args(["-w", "\n%{http_connect} %{http_code}"])
+            .arg(target)
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(
+        via(format!("http://127.0.0.1:{}/through", origin.port)).await,
+        "origin GET /through\n\n200 200",
+        "CONNECT allowed (200), then the GET inside the tunnel reaches nginx"
+    );
+    let other = free_port();
+    assert_eq!(
+        via(format!("http://127.0.0.1:{other}/x")).await,
+        "\n403 000",
+        "CONNECT to another authority is denied before any tunnel exists"
+    );
+    let recs = audit_lines(&p, 1).await;
+    assert_eq!(recs[0]["http"]["method"], "CONNECT");
+    assert_eq!(recs[0]["http"]["host"], format!("127.0.0.1:{other}"));
+    let _ = tp.kill();
+    let _ = tp.wait();
+}
