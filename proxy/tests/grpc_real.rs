@@ -3,19 +3,13 @@
 //! Unary and server-streaming calls pass through; a call no rule allows gets a trailers-only
 //! PERMISSION_DENIED the client sees as status code 7, and an audit record names the call.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
-
 mod common;
 
-use common::free_port;
-use tollgate_policy::endpoints::Inventory;
-use tollgate_policy::load::PolicySet;
-use tollgate_proxy::audit::{AuditSink, Output};
-use tollgate_proxy::{Listener, PolicyState, serve_listener};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Reaped, free_port, start, wait_for_port};
 
 fn peers() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers")
@@ -36,16 +30,7 @@ fn python() -> PathBuf {
     py
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server() -> (Server, u16) {
+fn start_server() -> (Reaped, u16) {
     let port = free_port();
     let child = Command::new(python())
         .arg(peers().join("grpc/server.py"))
@@ -54,14 +39,9 @@ fn start_server() -> (Server, u16) {
         .stdout(Stdio::null())
         .spawn()
         .expect("start the grpc server");
-    let server = Server(child);
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (server, port);
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("grpc server did not start");
+    let server = Reaped(child);
+    wait_for_port(port);
+    (server, port)
 }
 
 const CLIENT: &str = r#"
@@ -94,29 +74,14 @@ fn policy(methods: &[&str]) -> String {
 async fn run_case(methods: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>) {
     let py = python();
     let (_server, port) = start_server();
-    let mut set = PolicySet::default();
-    set.load_str("greeter.yaml", &policy(methods));
-    assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
-    let inv = Inventory::from_yaml(
+    let p = start(
+        &policy(methods),
         "- {name: grpc-client, namespace: prod, labels: {app: grpc-client}, ips: [127.0.0.1]}\n- {name: greeter, namespace: prod, labels: {app: greeter}, ips: [127.0.0.60]}\n",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let sink = AuditSink::start(Output::File(audit.clone()), 64);
-    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
         "greeter:50051",
-        upstream,
-        Arc::new(PolicyState::new(set, inv, 1)),
-        sink,
-        "Access denied",
+        port,
     )
-    .await
-    .unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(serve_listener(l));
+    .await;
+    let addr = p.addr;
     let out = tokio::process::Command::new(py)
         .args(["-c", CLIENT, &addr.to_string()])
         .env("FEAS", feas())
@@ -131,11 +96,7 @@ async fn run_case(methods: &[&str]) -> (serde_json::Value, Vec<serde_json::Value
         )
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let records = std::fs::read_to_string(&audit)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = p.records();
     (result, records)
 }
 

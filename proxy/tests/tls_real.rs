@@ -4,25 +4,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, need};
-use tollgate_policy::endpoints::Inventory;
-use tollgate_policy::load::PolicySet;
-use tollgate_proxy::audit::{AuditSink, Output};
-use tollgate_proxy::{Listener, PolicyState, serve_listener};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Reaped, free_port, need, start, wait_for_port};
 
 const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: tls, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: secure}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"443\", protocol: TCP}]\n      serverNames: [api.example.com, \"*.svc.example.com\"]\n";
 
@@ -45,7 +30,7 @@ async fn server_names_are_enforced_without_termination() {
         .unwrap();
     assert!(ok.success());
     let port = free_port();
-    let _server = Server(
+    let _server = Reaped(
         Command::new("openssl")
             .args([
                 "s_server",
@@ -63,33 +48,15 @@ async fn server_names_are_enforced_without_termination() {
             .spawn()
             .unwrap(),
     );
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let mut set = PolicySet::default();
-    set.load_str("tls.yaml", POLICY);
-    assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
-    let inv = Inventory::from_yaml(
+    wait_for_port(port);
+    let p = start(
+        POLICY,
         "- {name: client, namespace: prod, labels: {app: client}, ips: [127.0.0.1]}\n- {name: secure, namespace: prod, labels: {app: secure}, ips: [127.0.0.80]}\n",
-    )
-    .unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
         "secure:443",
-        upstream,
-        Arc::new(PolicyState::new(set, inv, 1)),
-        AuditSink::start(Output::File(audit.clone()), 64),
-        "Access denied",
+        port,
     )
-    .await
-    .unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(serve_listener(l));
+    .await;
+    let addr = p.addr;
     let curl = |name: &'static str| async move {
         let out = tokio::process::Command::new("curl")
             .args([
@@ -130,11 +97,7 @@ async fn server_names_are_enforced_without_termination() {
         "`*` never spans labels"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let recs = p.records();
     assert_eq!(recs.len(), 2, "{recs:?}");
     assert_eq!(recs[0]["protocol"], "tls");
     assert_eq!(recs[0]["tls"]["sni"], "evil.example.com");

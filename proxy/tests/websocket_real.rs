@@ -5,17 +5,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::free_port;
-use tollgate_policy::endpoints::Inventory;
-use tollgate_policy::load::PolicySet;
-use tollgate_proxy::audit::{AuditSink, Output};
-use tollgate_proxy::{Listener, PolicyState, serve_listener};
+use common::{Reaped, free_port, start, wait_for_port};
 
 fn python() -> PathBuf {
     let feas = std::env::var_os("FEAS")
@@ -60,56 +54,28 @@ async def main():
 asyncio.run(main())
 "#;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: ws, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: chat}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"8765\", protocol: TCP}]\n      rules:\n        http:\n        - {method: GET, path: /ws/public, headers: [\"Upgrade: websocket\"]}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_judged_then_spliced() {
     let py = python();
     let port = free_port();
-    let server = Server(
+    let server = Reaped(
         Command::new(&py)
             .args(["-c", SERVER, &port.to_string()])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let mut set = PolicySet::default();
-    set.load_str("ws.yaml", POLICY);
-    assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
-    let inv = Inventory::from_yaml(
+    wait_for_port(port);
+    let p = start(
+        POLICY,
         "- {name: client, namespace: prod, labels: {app: client}, ips: [127.0.0.1]}\n- {name: chat, namespace: prod, labels: {app: chat}, ips: [127.0.0.70]}\n",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let l = Listener::bind(
-        "127.0.0.1:0".parse().unwrap(),
         "chat:8765",
-        upstream,
-        Arc::new(PolicyState::new(set, inv, 1)),
-        AuditSink::start(Output::File(audit.clone()), 64),
-        "Access denied",
+        port,
     )
-    .await
-    .unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(serve_listener(l));
+    .await;
+    let addr = p.addr;
     let run = |path: &'static str| {
         let py = py.clone();
         async move {
@@ -128,8 +94,8 @@ async fn websocket_upgrade_is_judged_then_spliced() {
     );
     assert_eq!(run("/ws/admin").await, "status 403");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(text.lines().count(), 1, "{text}");
-    assert!(text.contains("\"path\":\"/ws/admin\""), "{text}");
+    let recs = p.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["http"]["path"], "/ws/admin");
     drop(server);
 }
