@@ -1,34 +1,87 @@
 #!/usr/bin/env bash
-# HTTP/1.1 benchmark: the same 100 method+path regex rules (only the last matches) through
-# tollgate and HAProxy, plus the origin direct, in one run. wrk -t1 -c50 pinned to CPU 0; the
-# system under test pinned to CPU 1 (tollgate with one tokio worker thread).
-# Usage: bench/http/run.sh [DURATION_SECONDS]   (bounded; loopback only)
+# HTTP benchmark, one run, same rules everywhere (../shared/peers: the last of NACL
+# method+path regex rules matches). wrk/h2load pinned to CPU 0, the system under test to CPU 1
+# (tollgate with one current-thread tokio runtime). Bounded; loopback only.
+#   h1:   wrk -t1 -c50 -dD  vs direct nginx, HAProxy, nginx-proxy, Envoy, tollgate (100 rules)
+#   h2c:  h2load -c50 -m1 -DD vs direct, HAProxy, tollgate
+#   1000: tollgate with 1,000 rules (h1)
+#   mem:  tollgate RSS with 1,000 idle client connections
+# Usage: bench/http/run.sh [DURATION_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DUR=${1:-10}
 P=../shared/peers
 bash $P/install-apt.sh >/dev/null
-bash $P/gen-configs.sh >/dev/null
-bash $P/gen-cnp.sh >/dev/null
+bash $P/install-envoy.sh >/dev/null
+NACL=100 bash $P/gen-configs.sh >/dev/null
+NACL=100 bash $P/gen-envoy.sh >/dev/null
 # shellcheck disable=SC1091
 source $P/env.sh
-bash $P/peer.sh start nginx haproxy >/dev/null
-cargo build --release -q -p tollgate
 FEAS=${FEAS:-${TMPDIR:-/tmp}/tollgate-peers}
-TG_PORT=18140
-TOKIO_WORKER_THREADS=1 taskset -c 1 target/release/tollgate proxy \
-  --policies "$FEAS/conf/bench-policy/bench.yaml" --endpoints "$FEAS/conf/bench-endpoints.yaml" \
-  --listen 127.0.0.1:$TG_PORT --to bench-origin:18080@127.0.0.1:$PORT_NGINX_H1 \
-  --audit-log /dev/null >/dev/null 2>&1 &
-TG=$!
-trap 'kill $TG 2>/dev/null; bash $P/peer.sh stop nginx haproxy >/dev/null' EXIT
-sleep 0.5
-printf '| target | req/s | p50 | p99 |\n|---|---|---|---|\n'
-for t in "direct $PORT_NGINX_H1" "haproxy-100-acls $PORT_HAPROXY_H1" "tollgate-100-rules $TG_PORT"; do
-  set -- $t
-  out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$2$BENCH_PATH")
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  printf '| %s | %s | %s | %s |\n' "$1" "$rps" "$p50" "$p99"
-done
+bash $P/peer.sh start nginx nginx-proxy haproxy envoy >/dev/null
+cargo build --release -q -p tollgate
+TG=18140
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; bash $P/peer.sh stop nginx nginx-proxy haproxy envoy >/dev/null; }
+trap cleanup EXIT
+
+start_tollgate() { # rules
+  NACL=$1 bash $P/gen-cnp.sh >/dev/null
+  cp "$FEAS/conf/bench-policy/bench.yaml" "$FEAS/conf/bench-policy/bench-$1.yaml"
+  TOKIO_WORKER_THREADS=1 taskset -c 1 target/release/tollgate proxy \
+    --policies "$FEAS/conf/bench-policy/bench-$1.yaml" --endpoints "$FEAS/conf/bench-endpoints.yaml" \
+    --listen 127.0.0.1:$TG --to bench-origin:18080@127.0.0.1:$PORT_NGINX_H1 \
+    --audit-log /dev/null >/dev/null 2>&1 &
+  PIDS+=($!)
+  sleep 0.7
+}
+stop_tollgate() { kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
+
+h1() { # label port
+  local out; out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$2$BENCH_PATH")
+  printf '| h1 | %s | %s | %s | %s |\n' "$1" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+    "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")"
+}
+h2() { # label port
+  local out; out=$(taskset -c 0 h2load -t1 -c50 -m1 -D"$DUR" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
+  printf '| h2c | %s | %s | %s | - |\n' "$1" "$(awk '/^finished in/ {print $4}' <<<"$out")" \
+    "$(awk '/^time for request:/ {print $6}' <<<"$out")"
+}
+
+printf '| proto | target | req/s | p50 (h2c: mean) | p99 |\n|---|---|---|---|---|\n'
+start_tollgate 100
+h1 "nginx direct" "$PORT_NGINX_H1"
+h1 "HAProxy, 100 ACLs" "$PORT_HAPROXY_H1"
+h1 "nginx proxy, 100 rules" "$PORT_NGXPROXY_H1"
+h1 "Envoy, 100 RBAC rules" "$PORT_ENVOY_H1"
+h1 "tollgate, 100 rules" "$TG"
+h2 "nginx direct" "$PORT_NGINX_H2C"
+h2 "HAProxy, 100 ACLs" "$PORT_HAPROXY_H2C"
+h2 "tollgate, 100 rules" "$TG"
+# Memory per idle connection: 1,000 idle HTTP/1.1 connections (one request each, then idle).
+pid=${PIDS[-1]}
+before=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+rm -f /tmp/tollgate-idle-ready
+python3 - "$TG" "$BENCH_PATH" <<'PY' &
+import socket, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+conns = []
+for _ in range(1000):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+    s.recv(4096)
+    conns.append(s)
+time.sleep(1)
+open("/tmp/tollgate-idle-ready", "w").write("1")
+time.sleep(3)
+PY
+idle=$!
+for _ in $(seq 100); do [ -e /tmp/tollgate-idle-ready ] && break; sleep 0.1; done
+after=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+wait $idle
+stop_tollgate
+start_tollgate 1000
+h1 "tollgate, 1,000 rules" "$TG"
+stop_tollgate
+echo
+echo "tollgate RSS: ${before} KiB before, ${after} KiB with 1,000 idle connections: $(( (after - before) * 1024 / 1000 )) bytes per idle connection"
