@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for tollgate's eBPF datapath (redirector-ebpf/): the nightly's rust-src
 # (for -Z build-std=core), bpf-linker built against the nightly's own LLVM, and the tools the
-# datapath tests and benchmark drive (iproute2, iperf3). Every step checks first; re-running
+# datapath tests and benchmark drive (iproute2, iperf3, bpftool). Every step checks first; re-running
 # costs a few seconds.
 set -euo pipefail
 
@@ -34,6 +34,7 @@ fi
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v bpftool >/dev/null 2>&1 || missing+=(bpftool)
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
