@@ -1,4 +1,6 @@
 //! Sans-IO protocol parsers: bytes in, typed values or a precise error out.
 
+pub mod dns;
+pub mod kafka;
 pub mod path;
 pub mod tls;

@@ -1,0 +1,1 @@
+//! DNS messages (issue 6; being written).
