@@ -4,6 +4,7 @@
 mod datapath_cmd;
 mod eval_cmd;
 mod files;
+mod fqdn_cmd;
 mod lint;
 mod normalize;
 mod observe;
@@ -37,13 +38,16 @@ enum Command {
     },
     /// What-if: evaluate one connection or request against policies.
     Eval(Box<eval_cmd::EvalArgs>),
-    /// Run the L7 proxy standalone from policy files (fixed listeners).
+    /// Run the L7 proxy standalone from policy files (fixed, transparent and DNS listeners).
     Proxy(Box<tollgate_proxy::ProxyArgs>),
     /// Read audit records with filters (`--follow` to keep reading).
     Observe(Box<observe::ObserveArgs>),
     /// Inspect the kernel datapath.
     #[command(subcommand)]
     Datapath(datapath_cmd::DatapathCommand),
+    /// Inspect the proxy's FQDN cache (names learned from DNS answers).
+    #[command(subcommand)]
+    Fqdn(fqdn_cmd::FqdnCommand),
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
+        Command::Fqdn(cmd) => fqdn_cmd::run(cmd),
         Command::Proxy(args) => run_proxy(args),
         Command::Observe(args) => observe::run(args),
     };

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tollgate_policy::eval::{Decision, Verdict};
+use tollgate_policy::model::Direction;
 
 /// Where records go.
 #[derive(Debug, Clone)]
@@ -67,6 +69,17 @@ pub struct TlsFields {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct DnsFields {
+    /// The question's name (lowercase, trailing dot).
+    pub qname: String,
+    pub qtype: String,
+    /// The rcode the client was answered with.
+    pub rcode: String,
+    /// `udp` | `tcp`.
+    pub transport: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct PolicyRef {
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,7 +97,7 @@ pub struct Record {
     /// `denied` | `audit-denied`.
     pub verdict: &'static str,
     pub reason: String,
-    /// `http` | `grpc` | `tcp`.
+    /// `http` | `grpc` | `tcp` | `tls` | `dns`.
     pub protocol: &'static str,
     pub source: Peer,
     pub destination: Peer,
@@ -94,6 +107,8 @@ pub struct Record {
     pub grpc: Option<GrpcFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,6 +124,57 @@ pub struct Record {
 }
 
 pub const SCHEMA: &str = "tollgate.audit/v1";
+
+impl Record {
+    /// The record of a decision, without protocol fields; `None` for an allow (allows are not
+    /// audited).
+    pub fn of_verdict(
+        v: &Verdict,
+        protocol: &'static str,
+        source: Peer,
+        destination: Peer,
+        node: &str,
+        policy_revision: u64,
+    ) -> Option<Record> {
+        let verdict = match v.decision {
+            Decision::Deny => "denied",
+            Decision::AuditDeny => "audit-denied",
+            Decision::Allow => return None,
+        };
+        Some(Record {
+            schema: SCHEMA,
+            time: now_rfc3339(),
+            node: node.to_string(),
+            direction: match v.direction {
+                Direction::Ingress => "ingress",
+                Direction::Egress => "egress",
+            },
+            verdict,
+            reason: serde_json::to_value(v.reason)
+                .ok()
+                .and_then(|x| x.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            protocol,
+            source,
+            destination,
+            http: None,
+            grpc: None,
+            tls: None,
+            dns: None,
+            policy: v.policy.as_ref().map(|p| PolicyRef {
+                kind: p.kind.as_str().to_string(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            }),
+            rule: v.rule.clone(),
+            enforcement: v.enforcement.as_str(),
+            log: v.log.clone(),
+            policy_revision,
+            trace_id: None,
+            detail: v.detail.clone(),
+        })
+    }
+}
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -245,6 +311,7 @@ mod tests {
             http: None,
             grpc: None,
             tls: None,
+            dns: None,
             policy: None,
             rule: None,
             enforcement: "enforce",

@@ -24,7 +24,7 @@ use tollgate_policy::l7::{GrpcCall, HttpRequest};
 use tollgate_policy::model::Direction;
 use tollgate_policy::peer::Remote;
 
-use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Peer, PolicyRef, Record, TlsFields};
+use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Record, TlsFields};
 use crate::state::PolicyState;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -204,6 +204,7 @@ struct Conn {
     ingress: Option<Arc<PortPolicy>>,
     src_remote: Remote,
     dst_remote: Remote,
+    _fqdn_hold: Option<crate::fqdn::FqdnHold>,
 }
 
 impl Conn {
@@ -224,18 +225,6 @@ impl Conn {
             .flat_map(|x| x.header_edits)
             .collect();
         v
-    }
-
-    fn peer_of(&self, remote: &Remote, ip: std::net::IpAddr, port: u16) -> Peer {
-        let ep = self.l.state.inventory.by_ip(ip);
-        Peer {
-            ip: ip.to_string(),
-            port,
-            identity: remote.identity,
-            namespace: ep.map(|e| e.spec.namespace.clone()),
-            name: ep.map(|e| e.spec.name.clone()),
-            labels: remote.labels.iter().map(|l| l.to_string()).collect(),
-        }
     }
 
     fn record(
@@ -259,43 +248,23 @@ impl Conn {
         trace_id: Option<String>,
     ) {
         self.l.metrics.observe(v, protocol);
-        let verdict = match v.decision {
-            Decision::Deny => "denied",
-            Decision::AuditDeny => "audit-denied",
-            Decision::Allow => return,
-        };
+        let state = &self.l.state;
         let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.upstream.ip());
-        self.l.sink.record(Record {
-            schema: audit::SCHEMA,
-            time: audit::now_rfc3339(),
-            node: self.l.node.clone(),
-            direction: match v.direction {
-                Direction::Ingress => "ingress",
-                Direction::Egress => "egress",
-            },
-            verdict,
-            reason: serde_json::to_value(v.reason)
-                .ok()
-                .and_then(|x| x.as_str().map(str::to_string))
-                .unwrap_or_default(),
+        let Some(mut r) = Record::of_verdict(
+            v,
             protocol,
-            source: self.peer_of(&self.src_remote, self.peer.ip(), self.peer.port()),
-            destination: self.peer_of(&self.dst_remote, dst_ip, self.policy_port),
-            http,
-            grpc,
-            tls,
-            policy: v.policy.as_ref().map(|p| PolicyRef {
-                kind: p.kind.as_str().to_string(),
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-            }),
-            rule: v.rule.clone(),
-            enforcement: v.enforcement.as_str(),
-            log: v.log.clone(),
-            policy_revision: self.l.state.revision,
-            trace_id,
-            detail: v.detail.clone(),
-        });
+            state.audit_peer(&self.src_remote, self.peer.ip(), self.peer.port()),
+            state.audit_peer(&self.dst_remote, dst_ip, self.policy_port),
+            &self.l.node,
+            state.revision,
+        ) else {
+            return;
+        };
+        r.http = http;
+        r.grpc = grpc;
+        r.tls = tls;
+        r.trace_id = trace_id;
+        self.l.sink.record(r);
     }
 }
 
@@ -323,9 +292,12 @@ async fn handle_connection(
     let ingress = dest_idx.map(|i| state.port_policy(i, Direction::Ingress, port));
     let dst_remote = match dest_idx {
         Some(i) => Remote::endpoint(state.endpoint(i)),
-        None => Remote::world(Some(upstream.ip()), vec![]),
+        None => state.remote(upstream.ip()),
     };
+    // A connection to a learned IP keeps that IP in the FQDN cache past its TTL.
+    let fqdn_hold = (!dst_remote.fqdns.is_empty()).then(|| state.fqdn.hold(upstream.ip()));
     let conn = Arc::new(Conn {
+        _fqdn_hold: fqdn_hold,
         upstream_h1: tokio::sync::Mutex::new(None),
         upstream,
         policy_port: port,

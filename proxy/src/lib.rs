@@ -19,7 +19,9 @@
 //! [`PortPolicy`]: tollgate_policy::eval::PortPolicy
 
 pub mod audit;
+pub mod dns;
 mod forward;
+pub mod fqdn;
 pub mod metrics;
 pub mod state;
 
@@ -64,13 +66,59 @@ pub struct ProxyArgs {
     /// Body of HTTP 403 replies.
     #[arg(long, default_value = "Access denied")]
     pub deny_body: String,
+    /// DNS listener address, UDP and TCP (repeatable; pairs with `--dns-to` in order).
+    #[arg(long = "dns-listen")]
+    pub dns_listen: Vec<SocketAddr>,
+    /// Destination of a DNS listener: `ENDPOINT[:PORT]@ADDR` or `world[:PORT]@ADDR` (PORT is
+    /// what rules name, default 53; ADDR is the resolver queries go to). Repeatable.
+    #[arg(long = "dns-to")]
+    pub dns_to: Vec<String>,
+    /// Answer to a denied DNS query: `refused` or `nxdomain`.
+    #[arg(long, default_value = "refused")]
+    pub dns_deny_rcode: String,
+    /// How long to wait for the upstream resolver before answering SERVFAIL (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    pub dns_upstream_timeout_ms: u64,
+    /// DNS queries answered at once per listener; beyond it SERVFAIL (counted).
+    #[arg(long, default_value_t = 10_000)]
+    pub dns_max_in_flight: usize,
+    /// Lowest TTL (seconds) a learned FQDN → IP mapping gets.
+    #[arg(long, default_value_t = 0)]
+    pub fqdn_min_ttl: u64,
+    /// Most IPs kept per learned name (the least recently refreshed go first).
+    #[arg(long, default_value_t = 1000)]
+    pub fqdn_max_ips: usize,
+    /// How long (seconds) an expired IP outlives its last proxied connection.
+    #[arg(long, default_value_t = 0)]
+    pub fqdn_grace: u64,
 }
 
 /// Run the proxy until the process is stopped.
 pub async fn run(args: ProxyArgs) -> Result<()> {
-    if args.listen.is_empty() && args.transparent.is_empty() {
-        bail!("give at least one --listen ADDR --to ENDPOINT@ADDR, or --transparent ADDR");
+    if args.listen.is_empty() && args.transparent.is_empty() && args.dns_listen.is_empty() {
+        bail!(
+            "give at least one --listen ADDR --to ENDPOINT@ADDR, --transparent ADDR, or \
+             --dns-listen ADDR --dns-to DEST@ADDR"
+        );
     }
+    if args.dns_listen.len() != args.dns_to.len() {
+        bail!(
+            "give one --dns-to per --dns-listen ({} listen, {} to)",
+            args.dns_listen.len(),
+            args.dns_to.len()
+        );
+    }
+    let dns_opts = dns::DnsOptions {
+        deny_rcode: dns::parse_deny_rcode(&args.dns_deny_rcode)?,
+        upstream_timeout: std::time::Duration::from_millis(args.dns_upstream_timeout_ms),
+        max_in_flight: args.dns_max_in_flight,
+        ..dns::DnsOptions::default()
+    };
+    let fqdn = Arc::new(fqdn::FqdnCache::new(fqdn::FqdnConfig {
+        min_ttl: std::time::Duration::from_secs(args.fqdn_min_ttl),
+        max_ips_per_name: args.fqdn_max_ips.max(1),
+        grace: std::time::Duration::from_secs(args.fqdn_grace),
+    }));
     if args.listen.len() != args.to.len() {
         bail!(
             "give one --to per --listen ({} listen, {} to)",
@@ -78,20 +126,46 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             args.to.len()
         );
     }
-    let state = Arc::new(PolicyState::load(&args.policies, &args.endpoints)?);
+    let state =
+        Arc::new(PolicyState::load(&args.policies, &args.endpoints)?.with_fqdn(fqdn.clone()));
     for d in &state.diagnostics {
         tracing::warn!("{d} (this rule was not loaded)");
     }
     let sink = audit::AuditSink::start(audit::Output::parse(&args.audit_log)?, args.audit_queue);
     let metrics = Arc::new(metrics::Metrics::new());
     let mut tasks = Vec::new();
+    tokio::spawn(fqdn.clone().run_expiry());
     if let Some(addr) = args.metrics {
-        eprintln!("tollgate proxy: metrics on http://{addr}/metrics");
+        eprintln!("tollgate proxy: metrics on http://{addr}/metrics, FQDN cache on /fqdn");
         tasks.push(tokio::spawn(metrics::serve(
             addr,
             metrics.clone(),
             sink.clone(),
+            Some(fqdn.clone()),
         )));
+    }
+    for (addr, to) in args.dns_listen.iter().zip(&args.dns_to) {
+        let (dest, upstream) = to
+            .split_once('@')
+            .with_context(|| format!("--dns-to `{to}`: expected DEST@ADDR"))?;
+        let upstream: SocketAddr = upstream
+            .parse()
+            .with_context(|| format!("--dns-to `{to}`: `{upstream}` is not an address"))?;
+        let l = dns::DnsListener::bind(
+            *addr,
+            dest,
+            upstream,
+            state.clone(),
+            sink.clone(),
+            metrics.clone(),
+            dns_opts.clone(),
+        )
+        .await?;
+        eprintln!(
+            "tollgate proxy: DNS {} (udp+tcp) -> {dest}@{upstream}",
+            l.local_addr()?
+        );
+        tasks.push(tokio::spawn(l.serve()));
     }
     for (addr, to) in args.listen.iter().zip(&args.to) {
         let (name, upstream) = to

@@ -4,6 +4,8 @@
 //! - `tollgate_rule_hits_total{policy, rule}`: decisions per deciding rule, so unused rules
 //!   show up as absent series. Cardinality is bounded: after [`MAX_RULE_SERIES`] distinct
 //!   rules, further ones are counted under `policy="_other", rule="_other"`;
+//! - `tollgate_proxy_events_total{protocol, event}`: what is not a decision but must not pass
+//!   silently (DNS upstream timeouts, malformed queries, shed load, truncated answers);
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
 //!   record is never silent).
 
@@ -29,6 +31,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    protocol: &'static str,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     policy: String,
     rule: String,
@@ -40,6 +48,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     rule_hits: Family<RuleLabels, Counter>,
     rules_seen: Mutex<HashSet<(String, String)>>,
+    events: Family<EventLabels, Counter>,
     written: Gauge,
     shed: Gauge,
 }
@@ -55,6 +64,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let rule_hits = Family::<RuleLabels, Counter>::default();
+        let events = Family::<EventLabels, Counter>::default();
         let written = Gauge::default();
         let shed = Gauge::default();
         registry.register(
@@ -66,6 +76,12 @@ impl Metrics {
             "tollgate_rule_hits",
             "Decisions attributed to each policy rule (bounded cardinality)",
             rule_hits.clone(),
+        );
+        registry.register(
+            "tollgate_proxy_events",
+            "Protocol events that are not decisions: upstream timeouts and errors, malformed \
+             messages, load shed, truncations (every one counted, none silent)",
+            events.clone(),
         );
         registry.register(
             "tollgate_audit_records_written",
@@ -82,6 +98,7 @@ impl Metrics {
             requests,
             rule_hits,
             rules_seen: Mutex::new(HashSet::new()),
+            events,
             written,
             shed,
         }
@@ -116,6 +133,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Count one protocol event (`protocol`, `event` are fixed names: bounded cardinality).
+    pub fn event(&self, protocol: &'static str, event: &'static str) {
+        self.events
+            .get_or_create(&EventLabels { protocol, event })
+            .inc();
+    }
+
     /// The text exposition, with the audit gauges refreshed from `sink`.
     pub fn render(&self, sink: &AuditSink) -> String {
         self.written.set(sink.written() as i64);
@@ -126,11 +150,13 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` on `addr` until the process stops.
+/// Serve `/metrics` (and `/fqdn`, the FQDN cache as JSON, when given) on `addr` until the
+/// process stops.
 pub async fn serve(
     addr: SocketAddr,
     metrics: std::sync::Arc<Metrics>,
     sink: AuditSink,
+    fqdn: Option<std::sync::Arc<crate::fqdn::FqdnCache>>,
 ) -> anyhow::Result<()> {
     use http_body_util::Full;
     use hyper::service::service_fn;
@@ -140,12 +166,17 @@ pub async fn serve(
         let (stream, _) = listener.accept().await?;
         let metrics = metrics.clone();
         let sink = sink.clone();
+        let fqdn = fqdn.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let body = if req.uri().path() == "/metrics" {
-                    metrics.render(&sink)
-                } else {
-                    String::new()
+                let (body, content_type) = match (req.uri().path(), &fqdn) {
+                    ("/metrics", _) => (metrics.render(&sink), "text/plain; version=0.0.4"),
+                    ("/fqdn", Some(c)) => (
+                        serde_json::to_string(&c.list(std::time::Instant::now()))
+                            .unwrap_or_default(),
+                        "application/json",
+                    ),
+                    _ => (String::new(), "text/plain"),
                 };
                 let status = if body.is_empty() { 404 } else { 200 };
                 async move {
@@ -153,7 +184,7 @@ pub async fn serve(
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
                     resp.headers_mut().insert(
                         http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        http::HeaderValue::from_static(content_type),
                     );
                     Ok::<_, std::convert::Infallible>(resp)
                 }

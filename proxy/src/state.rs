@@ -14,7 +14,10 @@ use tollgate_policy::load::{Diagnostic, PolicySet};
 use tollgate_policy::model::{Direction, Protocol};
 use tollgate_policy::peer::Remote;
 
-type CacheKey = (usize, Direction, u16);
+use crate::audit::Peer;
+use crate::fqdn::{FqdnCache, FqdnConfig};
+
+type CacheKey = (usize, Direction, u16, Protocol);
 
 #[derive(Debug)]
 pub struct PolicyState {
@@ -23,6 +26,9 @@ pub struct PolicyState {
     pub diagnostics: Vec<Diagnostic>,
     /// Bumped on every load; written into audit records.
     pub revision: u64,
+    /// Names learned from DNS answers, consulted for `toFQDNs` peers. Outlives a policy
+    /// reload: hand it to the next state with [`PolicyState::with_fqdn`].
+    pub fqdn: Arc<FqdnCache>,
     cache: Mutex<HashMap<CacheKey, Arc<PortPolicy>>>,
 }
 
@@ -69,8 +75,15 @@ impl PolicyState {
             inventory,
             diagnostics: set.diagnostics,
             revision,
+            fqdn: Arc::new(FqdnCache::new(FqdnConfig::default())),
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Use `cache` (shared with the DNS listeners, kept across reloads) for `toFQDNs`.
+    pub fn with_fqdn(mut self, cache: Arc<FqdnCache>) -> PolicyState {
+        self.fqdn = cache;
+        self
     }
 
     pub fn endpoint_index(&self, name: &str) -> Option<usize> {
@@ -90,17 +103,42 @@ impl PolicyState {
         self.endpoint_index(&ep.spec.name)
     }
 
-    /// The remote view of a peer: a managed endpoint, or the world with its IP.
+    /// The remote view of a peer: a managed endpoint, or the world with its IP and the names
+    /// DNS answers gave it.
     pub fn remote(&self, ip: IpAddr) -> Remote {
         match self.inventory.by_ip(ip) {
             Some(ep) => Remote::endpoint(ep),
-            None => Remote::world(Some(ip), vec![]),
+            None => Remote::world(Some(ip), self.fqdn.names_of(ip)),
         }
     }
 
-    /// The (cached) port policy of endpoint `idx`.
+    /// How a peer appears in audit records.
+    pub fn audit_peer(&self, remote: &Remote, ip: IpAddr, port: u16) -> Peer {
+        let ep = self.inventory.by_ip(ip);
+        Peer {
+            ip: ip.to_string(),
+            port,
+            identity: remote.identity,
+            namespace: ep.map(|e| e.spec.namespace.clone()),
+            name: ep.map(|e| e.spec.name.clone()),
+            labels: remote.labels.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
+    /// The (cached) TCP port policy of endpoint `idx`.
     pub fn port_policy(&self, idx: usize, direction: Direction, port: u16) -> Arc<PortPolicy> {
-        let key = (idx, direction, port);
+        self.port_policy_for(idx, direction, port, Protocol::Tcp)
+    }
+
+    /// The (cached) port policy of endpoint `idx` for `protocol`.
+    pub fn port_policy_for(
+        &self,
+        idx: usize,
+        direction: Direction,
+        port: u16,
+        protocol: Protocol,
+    ) -> Arc<PortPolicy> {
+        let key = (idx, direction, port, protocol);
         if let Some(pp) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return pp;
         }
@@ -114,7 +152,7 @@ impl PolicyState {
         };
         let pp = Arc::new(
             self.evaluator
-                .port_policy(&local, direction, port, Protocol::Tcp),
+                .port_policy(&local, direction, port, protocol),
         );
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, pp.clone());
