@@ -20,7 +20,7 @@
 //! counted in `tollgate_proxy_events_total{protocol="dns"}`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tollgate_parsers::dns::{self, Query, rcode, rtype};
 use tollgate_policy::check::combine;
-use tollgate_policy::eval::{Decision, L7Request, Verdict};
+use tollgate_policy::eval::{Decision, L7Request, PortPolicy, Verdict};
 use tollgate_policy::model::{Direction, Protocol};
 use tollgate_policy::peer::Remote;
 
@@ -44,6 +44,11 @@ const PROTOCOL: &str = "dns";
 const CLIENT_TCP_IDLE: Duration = Duration::from_secs(30);
 /// Queries in flight per upstream socket or connection at most (IDs are 16 bits).
 const MAX_PENDING_PER_UPSTREAM: usize = 60_000;
+/// How often UDP queries are checked for upstream timeouts (the SERVFAIL comes at most this
+/// late).
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
+/// Clients whose endpoint and port policies a listener remembers.
+const MAX_CACHED_SOURCES: usize = 65_536;
 
 /// Tunables of the DNS listeners.
 #[derive(Debug, Clone)]
@@ -130,14 +135,14 @@ impl std::fmt::Display for UpstreamError {
 /// Queries waiting for their answer on one upstream socket or connection, by the ID the proxy
 /// gave them. The token tells a query's own entry from a later one that reuses its ID.
 #[derive(Debug)]
-struct Pending {
-    waiting: HashMap<u16, (u64, oneshot::Sender<Vec<u8>>)>,
+struct Pending<T> {
+    waiting: HashMap<u16, (u64, T)>,
     rng: u64,
     next_token: u64,
 }
 
-impl Pending {
-    fn new(seed: u64) -> Pending {
+impl<T> Pending<T> {
+    fn new(seed: u64) -> Pending<T> {
         Pending {
             waiting: HashMap::new(),
             rng: seed | 1,
@@ -146,10 +151,10 @@ impl Pending {
     }
 
     /// A fresh random ID (xorshift64*): predictable IDs would make the upstream leg easy to
-    /// spoof.
-    fn register(&mut self, tx: oneshot::Sender<Vec<u8>>) -> Option<(u16, u64)> {
+    /// spoof. `Err` gives the value back when every ID is taken.
+    fn register(&mut self, value: T) -> Result<(u16, u64), Box<T>> {
         if self.waiting.len() >= MAX_PENDING_PER_UPSTREAM {
-            return None;
+            return Err(Box::new(value));
         }
         let id = loop {
             self.rng ^= self.rng >> 12;
@@ -161,10 +166,18 @@ impl Pending {
             }
         };
         self.next_token += 1;
-        self.waiting.insert(id, (self.next_token, tx));
-        Some((id, self.next_token))
+        self.waiting.insert(id, (self.next_token, value));
+        Ok((id, self.next_token))
+    }
+
+    /// The entry waiting for `msg`'s ID.
+    fn take(&mut self, msg: &[u8]) -> Option<T> {
+        let id = dns::message_id(msg)?;
+        self.waiting.remove(&id).map(|(_, v)| v)
     }
 }
+
+type Waiters = Pending<oneshot::Sender<Vec<u8>>>;
 
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
@@ -178,7 +191,7 @@ fn seed() -> u64 {
 /// Removes a query's entry when its waiter goes away (timeout, cancellation), unless the ID
 /// already serves a newer query.
 struct PendingGuard<'a> {
-    pending: &'a Mutex<Pending>,
+    pending: &'a Mutex<Waiters>,
     id: u16,
     token: u64,
 }
@@ -196,20 +209,17 @@ impl Drop for PendingGuard<'_> {
 }
 
 /// Hands an answer to whoever waits for its ID; `false` when nobody does (late or stray).
-fn deliver(pending: &Mutex<Pending>, msg: &[u8]) -> bool {
-    let Some(id) = dns::message_id(msg) else {
-        return false;
-    };
-    let waiter = pending.lock().ok().and_then(|mut p| p.waiting.remove(&id));
+fn deliver(pending: &Mutex<Waiters>, msg: &[u8]) -> bool {
+    let waiter = pending.lock().ok().and_then(|mut p| p.take(msg));
     match waiter {
-        Some((_, tx)) => tx.send(msg.to_vec()).is_ok(),
+        Some(tx) => tx.send(msg.to_vec()).is_ok(),
         None => false,
     }
 }
 
 /// Registers a query, sends it with `send`, waits for the answer, restores the client's ID.
 async fn exchange_on<F, Fut>(
-    pending: &Mutex<Pending>,
+    pending: &Mutex<Waiters>,
     msg: &[u8],
     timeout: Duration,
     send: F,
@@ -222,7 +232,7 @@ where
     let (id, token) = pending
         .lock()
         .ok()
-        .and_then(|mut p| p.register(tx))
+        .and_then(|mut p| p.register(tx).ok())
         .ok_or(UpstreamError::Busy)?;
     let _guard = PendingGuard { pending, id, token };
     let client_id = dns::message_id(msg).unwrap_or(0);
@@ -239,60 +249,95 @@ where
     }
 }
 
-/// A fixed set of connected UDP sockets to the upstream, each with a reader task.
+/// A UDP query forwarded upstream and not answered yet. The UDP path spawns no task and
+/// allocates no channel per query: the receive loop registers the query here and sends it; the
+/// upstream socket's reader finishes it and replies to the client; a sweeper answers the ones
+/// that time out.
 #[derive(Debug)]
-struct UdpUpstream {
-    slots: Vec<(Arc<UdpSocket>, Arc<Mutex<Pending>>)>,
-    next: AtomicUsize,
+struct InFlight {
+    client: SocketAddr,
+    query: Vec<u8>,
+    q: Query,
+    deadline: Instant,
+    /// Set when the decision must be audited (audit mode would deny): audited with the
+    /// rcode the client finally gets.
+    audit: Option<Box<(Verdict, Remote, Remote)>>,
 }
 
-impl UdpUpstream {
-    async fn connect(upstream: SocketAddr, n: usize, metrics: Arc<Metrics>) -> Result<UdpUpstream> {
-        let mut slots = Vec::new();
-        for _ in 0..n.max(1) {
-            let local: SocketAddr = if upstream.is_ipv4() {
-                "0.0.0.0:0".parse()?
-            } else {
-                "[::]:0".parse()?
-            };
-            let sock = Arc::new(UdpSocket::bind(local).await?);
-            sock.connect(upstream)
-                .await
-                .with_context(|| format!("connect UDP upstream {upstream}"))?;
-            let pending = Arc::new(Mutex::new(Pending::new(seed())));
-            tokio::spawn(udp_reader(sock.clone(), pending.clone(), metrics.clone()));
-            slots.push((sock, pending));
-        }
-        Ok(UdpUpstream {
-            slots,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    async fn exchange(&self, msg: &[u8], timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
-        let (sock, pending) =
-            &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        exchange_on(pending, msg, timeout, |out| async move {
-            sock.send(&out).await.map(|_| ()).map_err(UpstreamError::Io)
-        })
-        .await
-    }
+/// One connected UDP socket to the upstream and its queries in flight.
+#[derive(Debug)]
+struct UdpSlot {
+    sock: UdpSocket,
+    pending: Mutex<Pending<InFlight>>,
 }
 
-async fn udp_reader(sock: Arc<UdpSocket>, pending: Arc<Mutex<Pending>>, metrics: Arc<Metrics>) {
+async fn udp_slots(upstream: SocketAddr, n: usize) -> Result<Vec<UdpSlot>> {
+    let mut slots = Vec::new();
+    for _ in 0..n.max(1) {
+        let local: SocketAddr = if upstream.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let sock = UdpSocket::bind(local).await?;
+        sock.connect(upstream)
+            .await
+            .with_context(|| format!("connect UDP upstream {upstream}"))?;
+        slots.push(UdpSlot {
+            sock,
+            pending: Mutex::new(Pending::new(seed())),
+        });
+    }
+    Ok(slots)
+}
+
+/// Answers arriving on upstream socket `slot`: finish the query and reply to its client.
+async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
     let mut buf = vec![0u8; 65_535];
     loop {
-        match sock.recv(&mut buf).await {
-            Ok(n) => {
-                if !deliver(&pending, &buf[..n]) {
-                    metrics.event(PROTOCOL, "upstream_late_or_stray_answer");
-                }
-            }
+        let n = match ctx.udp_up[slot].sock.recv(&mut buf).await {
+            Ok(n) => n,
             // ICMP errors (upstream down) surface here on a connected socket; the queries
-            // concerned time out and are answered SERVFAIL.
+            // concerned time out and are answered SERVFAIL by the sweeper.
             Err(_) => {
-                metrics.event(PROTOCOL, "upstream_udp_error");
+                ctx.metrics.event(PROTOCOL, "upstream_udp_error");
                 tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let entry = ctx.udp_up[slot]
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take(&buf[..n]));
+        let Some(e) = entry else {
+            ctx.metrics.event(PROTOCOL, "upstream_late_or_stray_answer");
+            continue;
+        };
+        let reply = ctx.finish(&e.query, &e.q, buf[..n].to_vec(), Transport::Udp);
+        ctx.udp_done(e, reply).await;
+    }
+}
+
+/// Answers SERVFAIL to the UDP queries whose upstream did not answer in time.
+async fn udp_sweeper(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for slot in &ctx.udp_up {
+            let expired: Vec<InFlight> = match slot.pending.lock() {
+                Ok(mut p) => p
+                    .waiting
+                    .extract_if(|_, (_, e)| e.deadline <= now)
+                    .map(|(_, (_, e))| e)
+                    .collect(),
+                Err(_) => continue,
+            };
+            for e in expired {
+                ctx.metrics.event(PROTOCOL, "upstream_timeout");
+                let reply = dns::reply_with_rcode(&e.query, &e.q, rcode::SERVFAIL);
+                ctx.udp_done(e, reply).await;
             }
         }
     }
@@ -302,7 +347,7 @@ async fn udp_reader(sock: Arc<UdpSocket>, pending: Arc<Mutex<Pending>>, metrics:
 #[derive(Debug)]
 struct TcpConn {
     tx: mpsc::Sender<Vec<u8>>,
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Waiters>>,
     alive: Arc<AtomicBool>,
 }
 
@@ -397,7 +442,7 @@ async fn tcp_writer(
 
 async fn tcp_reader(
     mut rd: tokio::net::tcp::OwnedReadHalf,
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Waiters>>,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
@@ -418,6 +463,15 @@ async fn tcp_reader(
     }
 }
 
+/// A client as a listener sees it: its endpoint (if managed), how policy sees it, and its
+/// egress port policies for UDP and TCP. Cached per IP so that a query costs no label copies
+/// and no shared-cache lock.
+#[derive(Debug)]
+struct Source {
+    remote: Remote,
+    egress: [Option<Arc<PortPolicy>>; 2],
+}
+
 /// What every query of a listener shares.
 #[derive(Debug)]
 struct Ctx {
@@ -426,16 +480,20 @@ struct Ctx {
     metrics: Arc<Metrics>,
     node: String,
     dest: Destination,
+    /// The destination endpoint's ingress port policies (UDP, TCP).
+    ingress: [Option<Arc<PortPolicy>>; 2],
+    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
     opts: DnsOptions,
-    udp_up: UdpUpstream,
+    udp: Arc<UdpSocket>,
+    udp_up: Vec<UdpSlot>,
+    next_slot: AtomicUsize,
     tcp_up: TcpUpstream,
-    in_flight: Arc<Semaphore>,
+    tcp_in_flight: Arc<Semaphore>,
 }
 
 /// A DNS listener: one UDP socket and one TCP listener on the same address.
 #[derive(Debug)]
 pub struct DnsListener {
-    udp: Arc<UdpSocket>,
     tcp: TcpListener,
     ctx: Arc<Ctx>,
 }
@@ -468,9 +526,11 @@ impl DnsListener {
             })?)
         };
         let (udp, tcp) = bind_pair(addr).await?;
-        let udp_up =
-            UdpUpstream::connect(upstream, opts.upstream_udp_sockets, metrics.clone()).await?;
+        let udp_up = udp_slots(upstream, opts.upstream_udp_sockets).await?;
         let tcp_up = TcpUpstream::new(upstream, opts.upstream_tcp_connections, metrics.clone());
+        let ingress = [Transport::Udp, Transport::Tcp].map(|t| {
+            idx.map(|i| state.port_policy_for(i, Direction::Ingress, policy_port, t.protocol()))
+        });
         let ctx = Arc::new(Ctx {
             state,
             sink,
@@ -481,27 +541,32 @@ impl DnsListener {
                 policy_port,
                 upstream,
             },
-            in_flight: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
+            ingress,
+            sources: Mutex::new(HashMap::new()),
+            tcp_in_flight: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
             opts,
+            udp: Arc::new(udp),
             udp_up,
+            next_slot: AtomicUsize::new(0),
             tcp_up,
         });
-        Ok(DnsListener {
-            udp: Arc::new(udp),
-            tcp,
-            ctx,
-        })
+        Ok(DnsListener { tcp, ctx })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.udp.local_addr()
+        self.ctx.udp.local_addr()
     }
 
     /// Serve UDP and TCP until the process stops.
     pub async fn serve(self) -> Result<()> {
-        let DnsListener { udp, tcp, ctx } = self;
+        let DnsListener { tcp, ctx } = self;
+        let mut helpers = Vec::new();
+        for slot in 0..ctx.udp_up.len() {
+            helpers.push(tokio::spawn(udp_upstream_reader(ctx.clone(), slot)));
+        }
+        helpers.push(tokio::spawn(udp_sweeper(ctx.clone())));
         let tcp_ctx = ctx.clone();
-        let tcp_task = tokio::spawn(async move {
+        helpers.push(tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = tcp.accept().await else {
                     continue;
@@ -509,9 +574,11 @@ impl DnsListener {
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_tcp_client(tcp_ctx.clone(), stream, peer));
             }
-        });
-        let r = serve_udp(ctx, udp).await;
-        tcp_task.abort();
+        }));
+        let r = serve_udp(ctx).await;
+        for h in helpers {
+            h.abort();
+        }
         r
     }
 }
@@ -536,35 +603,23 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     anyhow::bail!("no port free for both UDP and TCP on {addr}")
 }
 
-async fn serve_udp(ctx: Arc<Ctx>, udp: Arc<UdpSocket>) -> Result<()> {
+/// The UDP receive loop: each query is judged and answered (denied) or sent upstream
+/// (allowed) right here; answers come back through [`udp_upstream_reader`].
+async fn serve_udp(ctx: Arc<Ctx>) -> Result<()> {
     let mut buf = vec![0u8; 65_535];
     loop {
-        let (n, peer) = match udp.recv_from(&mut buf).await {
+        let (n, peer) = match ctx.udp.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(_) => {
                 ctx.metrics.event(PROTOCOL, "udp_receive_error");
                 continue;
             }
         };
-        let msg = buf[..n].to_vec();
-        let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
-            // Over the limit: answer at once rather than queue without bound or drop.
-            ctx.metrics.event(PROTOCOL, "shed");
-            if let Ok(q) = dns::parse_query(&msg) {
-                let _ = udp.try_send_to(&dns::reply_with_rcode(&msg, &q, rcode::SERVFAIL), peer);
-            }
-            continue;
-        };
-        let ctx = ctx.clone();
-        let udp = udp.clone();
-        tokio::spawn(async move {
-            if let Some(reply) = ctx.answer(msg, peer, Transport::Udp).await
-                && udp.send_to(&reply, peer).await.is_err()
-            {
-                ctx.metrics.event(PROTOCOL, "udp_send_error");
-            }
-            drop(permit);
-        });
+        if let Some(reply) = ctx.udp_query(buf[..n].to_vec(), peer).await
+            && ctx.udp.send_to(&reply, peer).await.is_err()
+        {
+            ctx.metrics.event(PROTOCOL, "udp_send_error");
+        }
     }
 }
 
@@ -595,7 +650,7 @@ async fn serve_tcp_client(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         if rd.read_exact(&mut msg).await.is_err() {
             break;
         }
-        let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
+        let Ok(permit) = ctx.tcp_in_flight.clone().try_acquire_owned() else {
             ctx.metrics.event(PROTOCOL, "shed");
             if let Ok(q) = dns::parse_query(&msg) {
                 let _ = tx
@@ -607,7 +662,7 @@ async fn serve_tcp_client(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         let ctx = ctx.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            if let Some(reply) = ctx.answer(msg, peer, Transport::Tcp).await {
+            if let Some(reply) = ctx.tcp_answer(msg, peer).await {
                 let _ = tx.send(reply).await;
             }
             drop(permit);
@@ -618,40 +673,56 @@ async fn serve_tcp_client(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 impl Ctx {
-    fn decide(
-        &self,
-        peer: SocketAddr,
-        transport: Transport,
-        qname: &str,
-    ) -> (Verdict, Remote, Remote) {
+    fn source(&self, ip: IpAddr) -> Arc<Source> {
+        if let Some(s) = self.sources.lock().ok().and_then(|c| c.get(&ip).cloned()) {
+            return s;
+        }
         let state = &self.state;
-        let proto = transport.protocol();
+        let idx = state.endpoint_by_ip(ip);
         let port = self.dest.policy_port;
-        let dst = match self.dest.idx {
-            Some(i) => Remote::endpoint(state.endpoint(i)),
-            None => state.remote(self.dest.upstream.ip()),
-        };
-        let src = state.remote(peer.ip());
-        let request = L7Request::Dns { qname };
-        let egress = state
-            .endpoint_by_ip(peer.ip())
-            .map(|i| state.port_policy_for(i, Direction::Egress, port, proto))
-            .map(|pp| pp.evaluate(&dst, Some(&request)));
-        let ingress = self
-            .dest
-            .idx
-            .map(|i| state.port_policy_for(i, Direction::Ingress, port, proto))
-            .map(|pp| pp.evaluate(&src, Some(&request)));
-        (combine(egress.as_ref(), ingress.as_ref()), src, dst)
+        let s = Arc::new(Source {
+            remote: state.remote(ip),
+            egress: [Transport::Udp, Transport::Tcp].map(|t| {
+                idx.map(|i| state.port_policy_for(i, Direction::Egress, port, t.protocol()))
+            }),
+        });
+        // World clients are not cached: the names their IP was learned under change.
+        if idx.is_some()
+            && let Ok(mut c) = self.sources.lock()
+        {
+            if c.len() >= MAX_CACHED_SOURCES {
+                c.clear();
+            }
+            c.insert(ip, s.clone());
+        }
+        s
     }
 
-    /// The reply to one query (`None`: nothing to answer, e.g. not even a header).
-    async fn answer(
-        &self,
-        msg: Vec<u8>,
-        peer: SocketAddr,
-        transport: Transport,
-    ) -> Option<Vec<u8>> {
+    fn destination(&self) -> Remote {
+        match self.dest.idx {
+            Some(i) => Remote::endpoint(self.state.endpoint(i)),
+            None => self.state.remote(self.dest.upstream.ip()),
+        }
+    }
+
+    /// The combined verdict of the source's egress and the destination's ingress.
+    fn decide(&self, src: &Source, dst: &Remote, transport: Transport, qname: &str) -> Verdict {
+        let request = L7Request::Dns { qname };
+        let t = transport as usize;
+        let egress = src.egress[t]
+            .as_ref()
+            .map(|pp| pp.evaluate(dst, Some(&request)));
+        let ingress = self.ingress[t]
+            .as_ref()
+            .map(|pp| pp.evaluate(&src.remote, Some(&request)));
+        let v = combine(egress.as_ref(), ingress.as_ref());
+        self.metrics.observe(&v, PROTOCOL);
+        v
+    }
+
+    /// A UDP query: the immediate reply (denied, malformed, shed), or `None` when it went
+    /// upstream.
+    async fn udp_query(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
         let q = match dns::parse_query(&msg) {
             Ok(q) => q,
             Err(e) => {
@@ -660,38 +731,119 @@ impl Ctx {
                 return dns::formerr(&msg);
             }
         };
-        let (v, src, dst) = self.decide(peer, transport, &q.question.name);
+        let src = self.source(peer.ip());
+        let dst = self.destination();
+        let v = self.decide(&src, &dst, Transport::Udp, &q.question.name);
+        if v.decision == Decision::Deny {
+            let reply = dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode);
+            self.audit(
+                &v,
+                &src.remote,
+                &dst,
+                peer,
+                &q,
+                self.opts.deny_rcode,
+                Transport::Udp,
+            );
+            return Some(reply);
+        }
+        let audit = (v.decision != Decision::Allow).then(|| Box::new((v, src.remote.clone(), dst)));
+        let slot_idx = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.udp_up.len();
+        let slot = &self.udp_up[slot_idx];
+        let mut out = msg.clone();
+        let entry = InFlight {
+            client: peer,
+            query: msg,
+            q,
+            deadline: Instant::now() + self.opts.upstream_timeout,
+            audit,
+        };
+        let registered = slot.pending.lock().ok().map(|mut p| p.register(entry));
+        let id = match registered {
+            Some(Ok((id, _))) => id,
+            Some(Err(e)) => {
+                // Every ID of this socket is in flight: shed (answered, counted).
+                self.metrics.event(PROTOCOL, "shed");
+                let reply = dns::reply_with_rcode(&e.query, &e.q, rcode::SERVFAIL);
+                self.finish_audit(&e, &reply);
+                return Some(reply);
+            }
+            None => return None,
+        };
+        dns::set_message_id(&mut out, id);
+        if slot.sock.send(&out).await.is_err() {
+            self.metrics.event(PROTOCOL, "upstream_error");
+            let e = slot
+                .pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.waiting.remove(&id))
+                .map(|(_, e)| e)?;
+            let reply = dns::reply_with_rcode(&e.query, &e.q, rcode::SERVFAIL);
+            self.finish_audit(&e, &reply);
+            return Some(reply);
+        }
+        None
+    }
+
+    /// Sends the reply of a forwarded UDP query and writes its audit record, if any.
+    async fn udp_done(&self, e: InFlight, reply: Vec<u8>) {
+        self.finish_audit(&e, &reply);
+        if self.udp.send_to(&reply, e.client).await.is_err() {
+            self.metrics.event(PROTOCOL, "udp_send_error");
+        }
+    }
+
+    fn finish_audit(&self, e: &InFlight, reply: &[u8]) {
+        if let Some(a) = &e.audit {
+            let answered = dns::Header::parse(reply).map_or(rcode::SERVFAIL, |h| h.rcode());
+            self.audit(&a.0, &a.1, &a.2, e.client, &e.q, answered, Transport::Udp);
+        }
+    }
+
+    /// A TCP query: judged, then refused or exchanged over the pooled upstream connections.
+    async fn tcp_answer(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+        let q = match dns::parse_query(&msg) {
+            Ok(q) => q,
+            Err(e) => {
+                self.metrics.event(PROTOCOL, "malformed_query");
+                tracing::debug!("DNS query from {peer}: {e}");
+                return dns::formerr(&msg);
+            }
+        };
+        let src = self.source(peer.ip());
+        let dst = self.destination();
+        let v = self.decide(&src, &dst, Transport::Tcp, &q.question.name);
         let reply = if v.decision == Decision::Deny {
             dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode)
         } else {
-            self.forward(&msg, &q, transport).await
+            match self.tcp_up.exchange(&msg, self.opts.upstream_timeout).await {
+                Ok(answer) => self.finish(&msg, &q, answer, Transport::Tcp),
+                Err(e) => {
+                    self.metrics.event(
+                        PROTOCOL,
+                        match e {
+                            UpstreamError::Timeout => "upstream_timeout",
+                            UpstreamError::Busy => "shed",
+                            UpstreamError::Closed | UpstreamError::Io(_) => "upstream_error",
+                        },
+                    );
+                    tracing::debug!("DNS {}: {e}", q.question.name);
+                    dns::reply_with_rcode(&msg, &q, rcode::SERVFAIL)
+                }
+            }
         };
-        let answered = dns::Header::parse(&reply).map_or(rcode::SERVFAIL, |h| h.rcode());
-        self.audit(&v, &src, &dst, peer, &q, answered, transport);
+        if v.decision != Decision::Allow {
+            let answered = dns::Header::parse(&reply).map_or(rcode::SERVFAIL, |h| h.rcode());
+            self.audit(&v, &src.remote, &dst, peer, &q, answered, Transport::Tcp);
+        }
         Some(reply)
     }
 
-    async fn forward(&self, msg: &[u8], q: &Query, transport: Transport) -> Vec<u8> {
-        let timeout = self.opts.upstream_timeout;
-        let result = match transport {
-            Transport::Udp => self.udp_up.exchange(msg, timeout).await,
-            Transport::Tcp => self.tcp_up.exchange(msg, timeout).await,
-        };
-        let answer = match result {
-            Ok(a) => a,
-            Err(e) => {
-                self.metrics.event(
-                    PROTOCOL,
-                    match e {
-                        UpstreamError::Timeout => "upstream_timeout",
-                        UpstreamError::Busy => "upstream_busy",
-                        UpstreamError::Closed | UpstreamError::Io(_) => "upstream_error",
-                    },
-                );
-                tracing::debug!("DNS {}: {e}", q.question.name);
-                return dns::reply_with_rcode(msg, q, rcode::SERVFAIL);
-            }
-        };
+    /// The upstream's answer to `q`, checked, learned and sized for the client, with the
+    /// client's ID.
+    fn finish(&self, msg: &[u8], q: &Query, mut answer: Vec<u8>, transport: Transport) -> Vec<u8> {
+        dns::set_message_id(&mut answer, q.header.id);
         match dns::parse_response(&answer) {
             Ok(r) => {
                 if r.question.as_ref() != Some(&q.question) && r.header.qdcount != 0 {
@@ -718,10 +870,7 @@ impl Ctx {
         answer
     }
 
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one call site, all of it is the record"
-    )]
+    #[allow(clippy::too_many_arguments, reason = "all of it is the record")]
     fn audit(
         &self,
         v: &Verdict,
@@ -732,7 +881,6 @@ impl Ctx {
         answered: u8,
         transport: Transport,
     ) {
-        self.metrics.observe(v, PROTOCOL);
         let state = &self.state;
         let Some(mut r) = Record::of_verdict(
             v,

@@ -3,11 +3,11 @@
 //! Both sides are lowercased and get a trailing dot. `*` inside a label matches
 //! `[-a-z0-9_]*` and never crosses a dot; a leading `**.` matches one or more whole labels;
 //! a run of `*` elsewhere is one `*`; a pattern of only `*` (and dots) matches every name.
-//! A set looks exact names up in a hash map and runs every pattern at once in a `RegexSet`.
+//! A set looks exact names up in a hash map and runs every pattern at once in one automaton.
 
 use std::collections::HashMap;
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
 
 use super::L7Error;
 use crate::api;
@@ -17,11 +17,19 @@ const LABEL: &str = "[-a-z0-9_]";
 
 /// Lowercase and add the trailing dot.
 pub(crate) fn fqdn(name: &str) -> String {
+    fqdn_cow(name).into_owned()
+}
+
+/// [`fqdn`] without a copy when the name is already in that form (as the DNS parser gives it).
+fn fqdn_cow(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.ends_with('.') && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return std::borrow::Cow::Borrowed(name);
+    }
     let mut s = name.to_ascii_lowercase();
     if !s.ends_with('.') {
         s.push('.');
     }
-    s
+    std::borrow::Cow::Owned(s)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +144,10 @@ pub struct DnsRuleSet {
     exact: HashMap<String, usize>,
     /// First rule index of an all-matching pattern.
     all: Option<usize>,
-    patterns: Option<RegexSet>,
+    /// All patterns in one automaton. Every pattern is anchored at both ends, so a leftmost-
+    /// first search reports the lowest-index pattern that matches: the first matching rule,
+    /// without computing the whole set of matches.
+    patterns: Option<regex_automata::meta::Regex>,
     /// Rule index of each pattern of `patterns`.
     pattern_rule: Vec<usize>,
 }
@@ -165,7 +176,7 @@ impl DnsRuleSet {
         let patterns = if sources.is_empty() {
             None
         } else {
-            RegexSet::new(&sources).ok()
+            regex_automata::meta::Regex::new_many(&sources).ok()
         };
         DnsRuleSet {
             len: rules.len(),
@@ -186,16 +197,18 @@ impl DnsRuleSet {
 
     /// The lowest-index rule matching `qname`.
     pub fn first_match(&self, qname: &str) -> Option<usize> {
-        let n = fqdn(qname);
+        let n = fqdn_cow(qname);
         let mut best = self.all;
         let mut consider = |i: usize| best = Some(best.map_or(i, |b: usize| b.min(i)));
-        if let Some(&i) = self.exact.get(&n) {
+        if let Some(&i) = self.exact.get(n.as_ref()) {
             consider(i);
         }
-        if let Some(set) = &self.patterns
-            && let Some(p) = set.matches(&n).iter().next()
-        {
-            consider(self.pattern_rule[p]);
+        if let Some(re) = &self.patterns {
+            let input =
+                regex_automata::Input::new(n.as_ref()).anchored(regex_automata::Anchored::Yes);
+            if let Some(m) = re.search(&input) {
+                consider(self.pattern_rule[m.pattern().as_usize()]);
+            }
         }
         best
     }
@@ -349,5 +362,28 @@ mod tests {
             let naive = compiled.iter().position(|p| p.matches(name));
             proptest::prop_assert_eq!(DnsRuleSet::new(compiled).first_match(name), naive);
         }
+    }
+
+    #[test]
+    fn first_match_is_the_lowest_index_rule_among_overlapping_patterns() {
+        let set = |ps: &[&str]| {
+            DnsRuleSet::new(
+                ps.iter()
+                    .map(|p| DnsPattern::compile(None, Some(p)).unwrap())
+                    .collect(),
+            )
+        };
+        let s = set(&["*.example.co", "**.example.com", "*.b.example.com"]);
+        assert_eq!(s.first_match("a.b.example.com"), Some(1));
+        assert_eq!(s.first_match("A.B.Example.COM."), Some(1));
+        let s = set(&["*.example.co", "*.b.example.com", "**.example.com"]);
+        assert_eq!(s.first_match("a.b.example.com"), Some(1));
+        assert_eq!(s.first_match("x.y.z.example.com"), Some(2));
+        assert_eq!(s.first_match("example.com"), None);
+        let many: Vec<String> = (0..1000).map(|i| format!("*.svc{i}.example.com")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let s = set(&refs);
+        assert_eq!(s.first_match("h1.svc999.example.com"), Some(999));
+        assert_eq!(s.first_match("h1.svc1000.example.com"), None);
     }
 }

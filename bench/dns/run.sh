@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# DNS benchmark: dnsperf direct to unbound vs through tollgate's DNS listener (1,000 matchPattern
+# rules, the matching one last), in one run; then both at a fixed 20,000 qps with per-query
+# latencies (dnsperf -v) for p50/p99 and the latency tollgate adds.
+#
+# Usage: bench/dns/run.sh [SECONDS] [ROUNDS]          (defaults 10, 3)
+# Needs: scripts/setup-proxy.sh (unbound, dnsperf) and ../shared/peers (zone + query file).
+# Layout on a 2-core box: the system under test (unbound direct, tollgate proxied) on CPU 1;
+# dnsperf on CPU 0, and unbound too when tollgate is in the path.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+DUR=${1:-10}
+ROUNDS=${2:-3}
+RATE=${RATE:-20000}
+PEERS="$ROOT/../shared/peers"
+# shellcheck disable=SC1091
+. "$PEERS/env.sh"
+bash "$PEERS/gen-configs.sh" >/dev/null
+command -v dnsperf >/dev/null || { echo "dnsperf missing: run scripts/setup-proxy.sh" >&2; exit 1; }
+
+cargo build -q --release --bin tollgate
+BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
+WORK=$(mktemp -d)
+PROXY_PORT=15300
+METRICS_PORT=15309
+cleanup() {
+  [ -n "${PPID_TG:-}" ] && kill "$PPID_TG" 2>/dev/null || true
+  bash "$PEERS/peer.sh" stop unbound >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# 999 patterns that never match the benchmark names, then the one that does.
+{
+  cat <<EOF
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns-bench, namespace: bench}
+spec:
+  endpointSelector: {matchLabels: {app: dnsperf}}
+  egress:
+  - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: "53", protocol: UDP}]
+      rules:
+        dns:
+EOF
+  for i in $(seq 1 999); do echo "        - {matchPattern: \"*.svc$i.cluster$((i % 7)).example.com\"}"; done
+  echo '        - {matchPattern: "*.bench.test"}'
+} > "$WORK/policy.yaml"
+cat > "$WORK/endpoints.yaml" <<EOF
+endpoints:
+  - {name: dnsperf, namespace: bench, labels: {app: dnsperf}, ips: [127.0.0.1]}
+  - {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [127.0.0.53]}
+EOF
+"$BIN" lint "$WORK/policy.yaml" >/dev/null
+
+bash "$PEERS/peer.sh" start unbound >/dev/null
+UNBOUND=$(pid_of unbound)
+taskset -c "$CPU_SUT" "$BIN" proxy --policies "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
+  --dns-listen "127.0.0.1:$PROXY_PORT" --dns-to "kube-dns@127.0.0.1:$PORT_UNBOUND" \
+  --metrics "127.0.0.1:$METRICS_PORT" --audit-log "$WORK/audit.jsonl" 2>"$WORK/proxy.log" &
+PPID_TG=$!
+for _ in $(seq 50); do dig +short +tries=1 +time=1 @127.0.0.1 -p "$PROXY_PORT" h0001.bench.test | grep -q 127.1 && break; sleep 0.1; done
+[ "$(dig +short @127.0.0.1 -p $PROXY_PORT h0001.bench.test)" = 127.1.0.1 ] || { cat "$WORK/proxy.log"; echo "proxy probe failed" >&2; exit 1; }
+[ "$(dig @127.0.0.1 -p "$PROXY_PORT" +noall +comments h0001.other.test | grep -o "status: [A-Z]*")" = "status: REFUSED" ] || { echo "policy not applied" >&2; exit 1; }
+
+# target: direct | tollgate. Pins the pieces, runs dnsperf, prints "qps avg_ms lost".
+run_max() {
+  local port=$1 out=$WORK/out
+  taskset -c 0 dnsperf -s 127.0.0.1 -p "$port" -d "$CONF/dnsperf-queries.txt" -l "$DUR" -t 2 -c 8 -T 1 -q 200 >"$out" 2>&1
+  awk '/Queries per second/{q=$4} /Average Latency/{a=$4*1000} /Queries lost/{l=$3} END{printf "%.0f %.3f %s\n", q, a, l}' "$out"
+}
+# Fixed rate with per-query latencies: prints "qps p50_ms p99_ms lost".
+run_rate() {
+  local port=$1 out=$WORK/out
+  taskset -c 0 dnsperf -v -s 127.0.0.1 -p "$port" -d "$CONF/dnsperf-queries.txt" -l "$DUR" -t 2 -c 8 -T 1 -q 200 -Q "$RATE" >"$out" 2>&1
+  python3 - "$out" <<'PY'
+import sys, re
+lat, qps, lost = [], 0.0, "?"
+for line in open(sys.argv[1]):
+    m = re.match(r"> \S+ .* ([0-9.]+)$", line)
+    if m: lat.append(float(m.group(1)) * 1000); continue
+    if "Queries per second" in line: qps = float(line.split()[3])
+    if "Queries lost" in line: lost = line.split()[2]
+lat.sort()
+p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+print(f"{qps:.0f} {p(0.5):.3f} {p(0.99):.3f} {lost}")
+PY
+}
+pin_direct() { taskset -a -pc "$CPU_SUT" "$UNBOUND" >/dev/null; }
+pin_proxied() { taskset -a -pc 0 "$UNBOUND" >/dev/null; }
+
+declare -a D T DR TR
+for r in $(seq "$ROUNDS"); do
+  pin_direct;  D+=("$(run_max "$PORT_UNBOUND")")
+  pin_proxied; T+=("$(run_max "$PROXY_PORT")")
+  pin_direct;  DR+=("$(run_rate "$PORT_UNBOUND")")
+  pin_proxied; TR+=("$(run_rate "$PROXY_PORT")")
+  echo "round $r: max direct [${D[-1]}] tollgate [${T[-1]}]; at $RATE qps direct [${DR[-1]}] tollgate [${TR[-1]}]" >&2
+done
+EVENTS=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^tollgate_(proxy_events|requests)_total' || true)
+
+python3 - "$DUR" "$ROUNDS" "$RATE" "${D[@]}" "${T[@]}" "${DR[@]}" "${TR[@]}" <<'PY'
+import sys, statistics as st
+dur, n, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rows = [r.split() for r in sys.argv[4:]]
+d, t, dr, tr = rows[:n], rows[n:2*n], rows[2*n:3*n], rows[3*n:]
+med = lambda rs, i: st.median(float(r[i]) for r in rs)
+lost = lambda rs: sum(int(r[-1]) for r in rs if r[-1].isdigit())
+print(f"| dnsperf -c8 -q200, {n} rounds x {dur}s, median | direct (unbound) | tollgate -> unbound | ratio |")
+print("|---|---|---|---|")
+print(f"| max qps | {med(d,0):.0f} | {med(t,0):.0f} | {med(t,0)/med(d,0):.2f} |")
+print(f"| avg latency at max (ms) | {med(d,1):.3f} | {med(t,1):.3f} | |")
+print(f"| queries lost (all rounds) | {lost(d)} | {lost(t)} | |")
+print(f"| qps at -Q {rate} | {med(dr,0):.0f} | {med(tr,0):.0f} | |")
+print(f"| p50 at {rate} qps (ms) | {med(dr,1):.3f} | {med(tr,1):.3f} | +{med(tr,1)-med(dr,1):.3f} |")
+print(f"| p99 at {rate} qps (ms) | {med(dr,2):.3f} | {med(tr,2):.3f} | +{med(tr,2)-med(dr,2):.3f} |")
+print(f"| queries lost at {rate} qps | {lost(dr)} | {lost(tr)} | |")
+PY
+echo
+echo "policy: 1,000 matchPattern rules (the matching one last); proxy counters after the run:"
+echo "$EVENTS"
