@@ -121,6 +121,13 @@ fn print(r: &Value, json: bool) {
             r["grpc"]["method"].as_str().unwrap_or("")
         ),
         Some("tls") => format!("sni={}", r["tls"]["sni"].as_str().unwrap_or("-")),
+        Some("dns") => format!(
+            "{} {} -> {} ({})",
+            r["dns"]["qtype"].as_str().unwrap_or(""),
+            r["dns"]["qname"].as_str().unwrap_or(""),
+            r["dns"]["rcode"].as_str().unwrap_or(""),
+            r["dns"]["transport"].as_str().unwrap_or("")
+        ),
         _ => format!("port {}", r["destination"]["port"]),
     };
     let policy = match (

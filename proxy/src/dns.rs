@@ -37,6 +37,7 @@ use tollgate_policy::peer::Remote;
 
 use crate::audit::{self, AuditSink, DnsFields, Record};
 use crate::metrics::Metrics;
+use crate::sockets;
 use crate::state::PolicyState;
 
 const PROTOCOL: &str = "dns";
@@ -283,6 +284,7 @@ async fn udp_slots(upstream: SocketAddr, n: usize) -> Result<Vec<UdpSlot>> {
         sock.connect(upstream)
             .await
             .with_context(|| format!("connect UDP upstream {upstream}"))?;
+        sockets::grow_receive_buffer(&sock, sockets::DNS_RCVBUF);
         slots.push(UdpSlot {
             sock,
             pending: Mutex::new(Pending::new(seed())),
@@ -319,11 +321,35 @@ async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
     }
 }
 
-/// Answers SERVFAIL to the UDP queries whose upstream did not answer in time.
+/// Answers SERVFAIL to the UDP queries whose upstream did not answer in time, and counts
+/// what the kernel dropped on this destination's sockets (full receive queues).
 async fn udp_sweeper(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut drops_seen = [0u64; 2];
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
+        ticks += 1;
+        if ticks.is_multiple_of(20) {
+            let client_side = sockets::kernel_drops(&*ctx.udp).unwrap_or(0);
+            let upstream_side: u64 = ctx
+                .udp_up
+                .iter()
+                .filter_map(|s| sockets::kernel_drops(&s.sock))
+                .sum();
+            for (i, (now, event)) in [
+                (client_side, "kernel_drops_client_socket"),
+                (upstream_side, "kernel_drops_upstream_sockets"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if now > drops_seen[i] {
+                    ctx.metrics.events_n(PROTOCOL, event, now - drops_seen[i]);
+                    drops_seen[i] = now;
+                }
+            }
+        }
         let now = Instant::now();
         for slot in &ctx.udp_up {
             let expired: Vec<InFlight> = match slot.pending.lock() {
@@ -472,7 +498,18 @@ struct Source {
     egress: [Option<Arc<PortPolicy>>; 2],
 }
 
-/// What every query of a listener shares.
+/// What every destination of a listener shares.
+#[derive(Debug, Clone)]
+struct Shared {
+    state: Arc<PolicyState>,
+    sink: AuditSink,
+    metrics: Arc<Metrics>,
+    node: String,
+    opts: DnsOptions,
+}
+
+/// What every query to one destination shares: the destination's policy, the upstream
+/// sockets and connections, and the socket replies are sent from.
 #[derive(Debug)]
 struct Ctx {
     state: Arc<PolicyState>,
@@ -484,6 +521,8 @@ struct Ctx {
     ingress: [Option<Arc<PortPolicy>>; 2],
     sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
     opts: DnsOptions,
+    /// Replies leave from here: the listener itself (fixed mode), or a transparent socket
+    /// bound to the original destination, so the client hears back from the address it asked.
     udp: Arc<UdpSocket>,
     udp_up: Vec<UdpSlot>,
     next_slot: AtomicUsize,
@@ -491,16 +530,83 @@ struct Ctx {
     tcp_in_flight: Arc<Semaphore>,
 }
 
+impl Ctx {
+    /// Opens the upstream sockets for `dest` and starts their readers and the timeout sweeper
+    /// (which live as long as the process).
+    async fn create(shared: &Shared, dest: Destination, reply: Arc<UdpSocket>) -> Result<Arc<Ctx>> {
+        let Shared {
+            state,
+            sink,
+            metrics,
+            node,
+            opts,
+        } = shared.clone();
+        let udp_up = udp_slots(dest.upstream, opts.upstream_udp_sockets).await?;
+        sockets::grow_receive_buffer(&*reply, sockets::DNS_RCVBUF);
+        let tcp_up = TcpUpstream::new(
+            dest.upstream,
+            opts.upstream_tcp_connections,
+            metrics.clone(),
+        );
+        let ingress = [Transport::Udp, Transport::Tcp].map(|t| {
+            dest.idx.map(|i| {
+                state.port_policy_for(i, Direction::Ingress, dest.policy_port, t.protocol())
+            })
+        });
+        let ctx = Arc::new(Ctx {
+            state,
+            sink,
+            metrics,
+            node,
+            dest,
+            ingress,
+            sources: Mutex::new(HashMap::new()),
+            tcp_in_flight: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
+            opts,
+            udp: reply,
+            udp_up,
+            next_slot: AtomicUsize::new(0),
+            tcp_up,
+        });
+        for slot in 0..ctx.udp_up.len() {
+            tokio::spawn(udp_upstream_reader(ctx.clone(), slot));
+        }
+        tokio::spawn(udp_sweeper(ctx.clone()));
+        Ok(ctx)
+    }
+}
+
+/// Original destinations a transparent listener serves at most (each has its own upstream
+/// sockets); queries to further ones are answered `SERVFAIL` and counted.
+const MAX_TRANSPARENT_DESTINATIONS: usize = 256;
+
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per listener, never moved on the request path"
+)]
+enum Mode {
+    Fixed(Arc<Ctx>),
+    /// Flows the datapath assigned to this listener: per original destination a [`Ctx`],
+    /// made on first use.
+    Transparent {
+        udp: UdpSocket,
+        shared: Shared,
+        ctxs: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Ctx>>>,
+    },
+}
+
 /// A DNS listener: one UDP socket and one TCP listener on the same address.
 #[derive(Debug)]
 pub struct DnsListener {
     tcp: TcpListener,
-    ctx: Arc<Ctx>,
+    local: SocketAddr,
+    mode: Mode,
 }
 
 impl DnsListener {
-    /// `dest` is `ENDPOINT[:PORT]` (an endpoint of the inventory, e.g. the cluster resolver) or
-    /// `world[:PORT]`; PORT is what rules name (default 53).
+    /// A fixed listener. `dest` is `ENDPOINT[:PORT]` (an endpoint of the inventory, e.g. the
+    /// cluster resolver) or `world[:PORT]`; PORT is what rules name (default 53).
     pub async fn bind(
         addr: SocketAddr,
         dest: &str,
@@ -526,60 +632,176 @@ impl DnsListener {
             })?)
         };
         let (udp, tcp) = bind_pair(addr).await?;
-        let udp_up = udp_slots(upstream, opts.upstream_udp_sockets).await?;
-        let tcp_up = TcpUpstream::new(upstream, opts.upstream_tcp_connections, metrics.clone());
-        let ingress = [Transport::Udp, Transport::Tcp].map(|t| {
-            idx.map(|i| state.port_policy_for(i, Direction::Ingress, policy_port, t.protocol()))
-        });
-        let ctx = Arc::new(Ctx {
+        let local = udp.local_addr()?;
+        let shared = Shared {
             state,
             sink,
             metrics,
             node: audit::node_name(),
-            dest: Destination {
-                idx,
-                policy_port,
-                upstream,
-            },
-            ingress,
-            sources: Mutex::new(HashMap::new()),
-            tcp_in_flight: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
             opts,
-            udp: Arc::new(udp),
-            udp_up,
-            next_slot: AtomicUsize::new(0),
-            tcp_up,
-        });
-        Ok(DnsListener { tcp, ctx })
+        };
+        let dest = Destination {
+            idx,
+            policy_port,
+            upstream,
+        };
+        let ctx = Ctx::create(&shared, dest, Arc::new(udp)).await?;
+        Ok(DnsListener {
+            tcp,
+            local,
+            mode: Mode::Fixed(ctx),
+        })
+    }
+
+    /// A transparent listener (UDP and TCP, `IP_TRANSPARENT`) for the DNS flows the datapath
+    /// redirects to `addr`: each query goes to its original destination, the destination
+    /// endpoint is whoever owns that address, and rules name its port. Needs CAP_NET_ADMIN.
+    pub async fn bind_transparent(
+        addr: SocketAddr,
+        state: Arc<PolicyState>,
+        sink: AuditSink,
+        metrics: Arc<Metrics>,
+        opts: DnsOptions,
+    ) -> Result<DnsListener> {
+        let udp = sockets::transparent(addr, socket2::Type::DGRAM, true)
+            .with_context(|| format!("transparent DNS UDP {addr} (needs CAP_NET_ADMIN)"))?;
+        let tcp = sockets::transparent(addr, socket2::Type::STREAM, false)
+            .with_context(|| format!("transparent DNS TCP {addr} (needs CAP_NET_ADMIN)"))?;
+        tcp.listen(1024)?;
+        let udp = UdpSocket::from_std(udp.into())?;
+        sockets::grow_receive_buffer(&udp, sockets::DNS_RCVBUF);
+        let tcp = TcpListener::from_std(tcp.into())?;
+        Ok(DnsListener {
+            tcp,
+            local: udp.local_addr()?,
+            mode: Mode::Transparent {
+                udp,
+                shared: Shared {
+                    state,
+                    sink,
+                    metrics,
+                    node: audit::node_name(),
+                    opts,
+                },
+                ctxs: tokio::sync::Mutex::new(HashMap::new()),
+            },
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.ctx.udp.local_addr()
+        Ok(self.local)
     }
 
     /// Serve UDP and TCP until the process stops.
     pub async fn serve(self) -> Result<()> {
-        let DnsListener { tcp, ctx } = self;
-        let mut helpers = Vec::new();
-        for slot in 0..ctx.udp_up.len() {
-            helpers.push(tokio::spawn(udp_upstream_reader(ctx.clone(), slot)));
-        }
-        helpers.push(tokio::spawn(udp_sweeper(ctx.clone())));
-        let tcp_ctx = ctx.clone();
-        helpers.push(tokio::spawn(async move {
+        let this = Arc::new(self);
+        let tcp_side = this.clone();
+        let tcp_task = tokio::spawn(async move {
             loop {
-                let Ok((stream, peer)) = tcp.accept().await else {
+                let Ok((stream, peer)) = tcp_side.tcp.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_tcp_client(tcp_ctx.clone(), stream, peer));
+                let ctx = match &tcp_side.mode {
+                    Mode::Fixed(ctx) => Some(ctx.clone()),
+                    Mode::Transparent { .. } => match stream.local_addr() {
+                        Ok(orig) => tcp_side.ctx_for(orig).await,
+                        Err(_) => None,
+                    },
+                };
+                if let Some(ctx) = ctx {
+                    tokio::spawn(serve_tcp_client(ctx, stream, peer));
+                }
             }
-        }));
-        let r = serve_udp(ctx).await;
-        for h in helpers {
-            h.abort();
-        }
+        });
+        let r = match &this.mode {
+            Mode::Fixed(ctx) => serve_udp(ctx.clone()).await,
+            Mode::Transparent { udp, .. } => this.serve_transparent_udp(udp).await,
+        };
+        tcp_task.abort();
         r
+    }
+
+    /// The context of original destination `orig` (transparent mode), made on first use.
+    async fn ctx_for(&self, orig: SocketAddr) -> Option<Arc<Ctx>> {
+        let Mode::Transparent { shared, ctxs, .. } = &self.mode else {
+            return None;
+        };
+        let mut map = ctxs.lock().await;
+        if let Some(c) = map.get(&orig) {
+            return Some(c.clone());
+        }
+        if map.len() >= MAX_TRANSPARENT_DESTINATIONS {
+            shared.metrics.event(PROTOCOL, "too_many_destinations");
+            return None;
+        }
+        let made = async {
+            let reply = sockets::transparent(orig, socket2::Type::DGRAM, false)?;
+            let reply = Arc::new(UdpSocket::from_std(reply.into())?);
+            let dest = Destination {
+                idx: shared.state.endpoint_by_ip(orig.ip()),
+                policy_port: orig.port(),
+                upstream: orig,
+            };
+            Ctx::create(shared, dest, reply).await
+        }
+        .await;
+        match made {
+            Ok(c) => {
+                map.insert(orig, c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                shared.metrics.event(PROTOCOL, "destination_setup_error");
+                tracing::warn!("DNS to {orig}: {e:#}");
+                None
+            }
+        }
+    }
+
+    async fn serve_transparent_udp(&self, udp: &UdpSocket) -> Result<()> {
+        let mut buf = vec![0u8; 65_535];
+        let (mut received, mut drops_seen) = (0u64, 0u64);
+        loop {
+            received += 1;
+            if received.is_multiple_of(4096)
+                && let (Some(now), Mode::Transparent { shared, .. }) =
+                    (sockets::kernel_drops(udp), &self.mode)
+                && now > drops_seen
+            {
+                shared
+                    .metrics
+                    .events_n(PROTOCOL, "kernel_drops_client_socket", now - drops_seen);
+                drops_seen = now;
+            }
+            let got = udp
+                .async_io(tokio::io::Interest::READABLE, || {
+                    sockets::recv_with_orig_dst(udp, &mut buf)
+                })
+                .await;
+            let (n, peer, orig) = match got {
+                Ok((n, peer, Some(orig))) => (n, peer, orig),
+                Ok(_) | Err(_) => {
+                    if let Mode::Transparent { shared, .. } = &self.mode {
+                        shared.metrics.event(PROTOCOL, "udp_receive_error");
+                    }
+                    continue;
+                }
+            };
+            let msg = buf[..n].to_vec();
+            let Some(ctx) = self.ctx_for(orig).await else {
+                if let Ok(q) = dns::parse_query(&msg) {
+                    let _ =
+                        udp.try_send_to(&dns::reply_with_rcode(&msg, &q, rcode::SERVFAIL), peer);
+                }
+                continue;
+            };
+            if let Some(reply) = ctx.udp_query(msg, peer).await
+                && ctx.udp.send_to(&reply, peer).await.is_err()
+            {
+                ctx.metrics.event(PROTOCOL, "udp_send_error");
+            }
+        }
     }
 }
 

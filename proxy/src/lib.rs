@@ -23,6 +23,7 @@ pub mod dns;
 mod forward;
 pub mod fqdn;
 pub mod metrics;
+mod sockets;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -73,6 +74,10 @@ pub struct ProxyArgs {
     /// what rules name, default 53; ADDR is the resolver queries go to). Repeatable.
     #[arg(long = "dns-to")]
     pub dns_to: Vec<String>,
+    /// Transparent DNS listener (UDP and TCP) for the port-53 flows the datapath redirects;
+    /// queries go to their original destination. Repeatable.
+    #[arg(long = "dns-transparent")]
+    pub dns_transparent: Vec<SocketAddr>,
     /// Answer to a denied DNS query: `refused` or `nxdomain`.
     #[arg(long, default_value = "refused")]
     pub dns_deny_rcode: String,
@@ -95,10 +100,14 @@ pub struct ProxyArgs {
 
 /// Run the proxy until the process is stopped.
 pub async fn run(args: ProxyArgs) -> Result<()> {
-    if args.listen.is_empty() && args.transparent.is_empty() && args.dns_listen.is_empty() {
+    if args.listen.is_empty()
+        && args.transparent.is_empty()
+        && args.dns_listen.is_empty()
+        && args.dns_transparent.is_empty()
+    {
         bail!(
-            "give at least one --listen ADDR --to ENDPOINT@ADDR, --transparent ADDR, or \
-             --dns-listen ADDR --dns-to DEST@ADDR"
+            "give at least one --listen ADDR --to ENDPOINT@ADDR, --transparent ADDR, \
+             --dns-listen ADDR --dns-to DEST@ADDR, or --dns-transparent ADDR"
         );
     }
     if args.dns_listen.len() != args.dns_to.len() {

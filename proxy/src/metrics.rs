@@ -135,9 +135,14 @@ impl Metrics {
 
     /// Count one protocol event (`protocol`, `event` are fixed names: bounded cardinality).
     pub fn event(&self, protocol: &'static str, event: &'static str) {
+        self.events_n(protocol, event, 1);
+    }
+
+    /// Count `n` protocol events at once.
+    pub fn events_n(&self, protocol: &'static str, event: &'static str, n: u64) {
         self.events
             .get_or_create(&EventLabels { protocol, event })
-            .inc();
+            .inc_by(n);
     }
 
     /// The text exposition, with the audit gauges refreshed from `sink`.
