@@ -36,6 +36,9 @@ pub struct EndpointSpec {
     #[serde(default)]
     pub ports: BTreeMap<String, u16>,
     pub service_account: Option<String>,
+    /// The endpoint's host-side network interface (its veth), where the datapath attaches;
+    /// for `tollgate up` on a host without Kubernetes.
+    pub interface: Option<String>,
 }
 
 fn default_namespace() -> String {

@@ -245,6 +245,14 @@ impl Evaluator {
         }
     }
 
+    /// The rules that select `local`.
+    pub fn rules_selecting<'a>(
+        &'a self,
+        local: &'a Local<'_>,
+    ) -> impl Iterator<Item = &'a CompiledRule> + 'a {
+        self.rules.iter().filter(|r| Self::selects(r, local))
+    }
+
     /// Gather what decides flows of `local` in `direction` to/from `port`/`protocol`.
     pub fn port_policy(
         &self,
@@ -343,12 +351,38 @@ impl PortPolicy {
     }
 
     /// True when some entry on this port carries L7 rules (the flow goes through the proxy).
+    /// On egress a named port depends on the peer, so such an entry counts as "maybe";
+    /// [`PortPolicy::l7_kind`] answers for one peer.
     pub fn has_l7(&self) -> bool {
+        // Ingress named ports are the local endpoint's: any remote resolves them the same.
+        let nobody = Remote::world(None, vec![]);
         self.candidates.iter().any(|c| {
-            c.port_rule
-                .as_ref()
-                .is_some_and(|p| !matches!(p.l7, L7::None))
+            (self.direction == Direction::Egress || self.port_matches(c, &nobody))
+                && c.port_rule
+                    .as_ref()
+                    .is_some_and(|p| !matches!(p.l7, L7::None))
         })
+    }
+
+    /// Which proxy listener `remote`'s flows on this port need: `"dns"` when an entry that
+    /// applies to the port carries DNS rules (they go to the DNS listener), else
+    /// `"http"`/`"grpc"`/`"kafka"`, `"tls"` for a `serverNames` allow-list alone; `None` when
+    /// the port is plain L3/L4. Only the port decides, not the peer: a peer allowed at L4 on a
+    /// port with L7 rules is proxied too (and allowed every request, cnp-semantics §12.3).
+    pub fn l7_kind(&self, remote: &Remote) -> Option<&'static str> {
+        let rules = || {
+            self.candidates
+                .iter()
+                .filter(|c| self.port_matches(c, remote))
+                .filter_map(|c| c.port_rule.as_ref())
+        };
+        if rules().any(|p| matches!(p.l7, L7::Dns(_))) {
+            return Some("dns");
+        }
+        if let Some(p) = rules().find(|p| !matches!(p.l7, L7::None)) {
+            return Some(p.l7.kind());
+        }
+        rules().any(|p| !p.server_names.is_empty()).then_some("tls")
     }
 
     /// True when some entry on this port has a `serverNames` allow-list (the proxy must read

@@ -1,0 +1,620 @@
+//! Compiling policy into the kernel datapath's maps: endpoints, ipcache and policy entries.
+//!
+//! Why the evaluator is the oracle: the kernel must enforce exactly what `tollgate eval` and the
+//! proxy decide. Instead of a second interpretation of the rule model, the compiler asks the
+//! evaluator — for every local endpoint, direction, port mentioned by a rule that selects it
+//! (plus one representative of every other port), and every remote identity the node knows
+//! (managed endpoints, host, world, one identity per CIDR of the rules) — and writes the answer
+//! as map entries. What the evaluator allows on a port with L7 rules becomes a redirect to the
+//! proxy (DNS rules to the DNS listener), so the proxy judges each request with the same policy.
+//!
+//! Only entries that differ from what the kernel would do anyway are written: per endpoint and
+//! direction the default is deny when the direction is enforced, allow otherwise; per remote a
+//! wildcard-port entry says what happens on ports no rule names, and per-port entries say what
+//! differs from it. The kernel resolves (remote, port) with four exact lookups where a deny
+//! always wins, which is also the policy's precedence.
+//!
+//! Limits, reported as [`Plan::warnings`] (never silently): port ranges wider than
+//! [`MAX_RANGE_PORTS`] are not expanded (their ports fall to the wildcard verdict); a remote
+//! whose unnamed-port verdict differs between TCP and UDP gets the stricter one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tollgate_datapath_common::{
+    EndpointInfo, PolicyKey, PolicyValue, direction as dp_dir, endpoint_flags, identity, proto,
+    verdict,
+};
+use tollgate_policy::endpoints::Inventory;
+use tollgate_policy::eval::{Decision, Evaluator, Local, PortPolicy};
+use tollgate_policy::model::{CompiledRule, Direction, PortSel, Protocol};
+use tollgate_policy::peer::{PeerMatch, Remote, RemoteKind};
+
+/// Port ranges up to this many ports are expanded into per-port entries.
+pub const MAX_RANGE_PORTS: u32 = 1024;
+/// First identity given to CIDR prefixes of the rules (Cilium's local CIDR identity range).
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+
+/// Where redirected flows go: the proxy's transparent listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyPorts {
+    /// HTTP, gRPC, TLS server names (and Kafka once it lands).
+    pub l7: u16,
+    /// DNS rules.
+    pub dns: u16,
+}
+
+/// A managed endpoint as the datapath sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanEndpoint {
+    pub name: String,
+    pub namespace: String,
+    /// Host-side interface to attach to (from the inventory), if known.
+    pub interface: Option<String>,
+    pub info: EndpointInfo,
+}
+
+/// One policy map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanEntry {
+    pub key: PolicyKey,
+    pub value: PolicyValue,
+}
+
+/// Everything the kernel maps should hold for a policy set and inventory.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub endpoints: Vec<PlanEndpoint>,
+    pub ipcache: Vec<(IpNet, u32)>,
+    pub policy: Vec<PlanEntry>,
+    pub warnings: Vec<String>,
+}
+
+/// A remote the node knows: its identity and how policy sees it.
+struct Known {
+    identity: u32,
+    remote: Remote,
+}
+
+/// Collects the CIDR prefixes the rules name (allow and except alike).
+fn rule_cidrs(rules: &[CompiledRule]) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for d in [&r.ingress, &r.egress] {
+            for e in d.allow.iter().chain(&d.deny) {
+                if let PeerMatch::Cidrs(sets) = &e.peer {
+                    for s in sets {
+                        out.insert(s.cidr.trunc());
+                        out.extend(s.except.iter().map(|x| x.trunc()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An address whose longest match among `all` is `net`, so that policy decided for it holds
+/// for every address the ipcache maps to `net`'s identity.
+fn representative(net: &IpNet, all: &BTreeSet<IpNet>) -> Option<IpAddr> {
+    let longest = |ip: IpAddr| {
+        all.iter()
+            .filter(|n| n.contains(&ip))
+            .max_by_key(|n| n.prefix_len())
+            .copied()
+    };
+    let (lo, hi) = (net.network(), net.broadcast());
+    let mid = match (lo, hi) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            IpAddr::V4((((u64::from(u32::from(a)) + u64::from(u32::from(b))) / 2) as u32).into())
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let (a, b) = (u128::from(a), u128::from(b));
+            IpAddr::V6((a / 2 + b / 2 + (a % 2 + b % 2) / 2).into())
+        }
+        _ => lo,
+    };
+    [lo, hi, mid]
+        .into_iter()
+        .find(|ip| longest(*ip) == Some(*net))
+}
+
+/// The ports rules selecting `local` name in `dir` (numeric, small ranges expanded, named
+/// ports resolved: the local endpoint's on ingress, every known remote's on egress).
+fn named_ports(
+    rules: &[&CompiledRule],
+    dir: Direction,
+    local_ports: &[(String, u16)],
+    remotes: &[Known],
+    warnings: &mut Vec<String>,
+    who: &str,
+) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        let d = r.direction(dir);
+        for e in d.allow.iter().chain(&d.deny) {
+            for pr in e.ports.iter().flatten() {
+                for pm in &pr.ports {
+                    match &pm.port {
+                        PortSel::Any => {}
+                        PortSel::Range(a, b) => {
+                            if u32::from(*b) - u32::from(*a) < MAX_RANGE_PORTS {
+                                out.extend(*a..=*b);
+                            } else {
+                                warnings.push(format!(
+                                    "{who}: {}: port range {a}-{b} is wider than {MAX_RANGE_PORTS} ports; \
+                                     its ports get the endpoint's any-port verdict in the kernel",
+                                    pr.path
+                                ));
+                            }
+                        }
+                        PortSel::Named(n) => {
+                            let find = |ports: &[(String, u16)]| {
+                                ports
+                                    .iter()
+                                    .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                                    .map(|(_, v)| *v)
+                                    .collect::<Vec<_>>()
+                            };
+                            match dir {
+                                Direction::Ingress => out.extend(find(local_ports)),
+                                Direction::Egress => {
+                                    for k in remotes {
+                                        out.extend(find(&k.remote.named_ports));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The kernel verdict for one evaluated flow.
+fn kernel_verdict(pp: &PortPolicy, remote: &Remote, ports: ProxyPorts) -> (u8, u16) {
+    let v = pp.evaluate(remote, None);
+    match (v.decision, pp.l7_kind(remote)) {
+        (Decision::Deny, _) => (verdict::DENY, 0),
+        (_, Some("dns")) => (verdict::REDIRECT, ports.dns),
+        (_, Some(_)) => (verdict::REDIRECT, ports.l7),
+        (Decision::AuditDeny, None) => (verdict::AUDIT, 0),
+        (Decision::Allow, None) => (verdict::ALLOW, 0),
+    }
+}
+
+fn proto_num(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => proto::TCP,
+        Protocol::Udp => proto::UDP,
+        Protocol::Sctp => 132,
+    }
+}
+
+/// Compile the rules of `eval` for the endpoints of `inv`.
+pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
+    let mut plan = Plan::default();
+
+    // Remote identities: endpoints (one per identity), host, world, CIDR prefixes.
+    let mut known: Vec<Known> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for ep in &inv.endpoints {
+        if seen.insert(ep.identity) {
+            known.push(Known {
+                identity: ep.identity,
+                remote: Remote::endpoint(ep),
+            });
+        }
+        for ip in &ep.spec.ips {
+            plan.ipcache.push((IpNet::from(*ip), ep.identity));
+        }
+    }
+    known.push(Known {
+        identity: identity::HOST,
+        remote: Remote::reserved(RemoteKind::Host),
+    });
+    known.push(Known {
+        identity: identity::WORLD,
+        remote: Remote::world(None, vec![]),
+    });
+    let cidrs = rule_cidrs(eval.rules());
+    for (i, net) in cidrs.iter().enumerate() {
+        let id = FIRST_CIDR_IDENTITY + i as u32;
+        match representative(net, &cidrs) {
+            Some(ip) => {
+                plan.ipcache.push((*net, id));
+                known.push(Known {
+                    identity: id,
+                    remote: Remote::world(Some(ip), vec![]),
+                });
+            }
+            None => plan.warnings.push(format!(
+                "CIDR {net}: every address of it lies in a more specific CIDR of the rules; \
+                 not given an identity of its own"
+            )),
+        }
+    }
+
+    for (n, ep) in inv.endpoints.iter().enumerate() {
+        let endpoint_id = n as u32 + 1;
+        let named: Vec<(String, u16)> =
+            ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let local = Local {
+            labels: &ep.labels,
+            is_host: false,
+            named_ports: &named,
+        };
+        let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
+        let who = format!("{}/{}", ep.spec.namespace, ep.spec.name);
+        let mut flags = 0;
+        for (dir, kdir, flag) in [
+            (
+                Direction::Ingress,
+                dp_dir::INGRESS,
+                endpoint_flags::ENFORCE_INGRESS,
+            ),
+            (
+                Direction::Egress,
+                dp_dir::EGRESS,
+                endpoint_flags::ENFORCE_EGRESS,
+            ),
+        ] {
+            let mentioned = named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
+            // A port no rule names stands for all of them.
+            let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
+            let pp_other =
+                [Protocol::Tcp, Protocol::Udp].map(|p| eval.port_policy(&local, dir, other, p));
+            let unknown = Remote::reserved(RemoteKind::Unmanaged);
+            let default = if pp_other[0].evaluate(&unknown, None).decision == Decision::Allow {
+                verdict::ALLOW
+            } else {
+                flags |= flag;
+                verdict::DENY
+            };
+            let mut entries: BTreeMap<(u32, u16, u8), (u8, u16)> = BTreeMap::new();
+            let mut any_port: BTreeMap<u32, u8> = BTreeMap::new();
+            for k in &known {
+                let tcp = kernel_verdict(&pp_other[0], &k.remote, ports);
+                let udp = kernel_verdict(&pp_other[1], &k.remote, ports);
+                let v = if tcp == udp {
+                    tcp
+                } else {
+                    plan.warnings.push(format!(
+                        "{who} {dir:?}: identity {}: TCP and UDP differ on unnamed ports; the \
+                         kernel applies the stricter",
+                        k.identity
+                    ));
+                    if tcp.0 == verdict::DENY { tcp } else { udp }
+                };
+                any_port.insert(k.identity, v.0);
+                if v.0 != default {
+                    entries.insert((k.identity, 0, proto::ANY), v);
+                }
+            }
+            for port in &mentioned {
+                for p in [Protocol::Tcp, Protocol::Udp] {
+                    let pp = eval.port_policy(&local, dir, *port, p);
+                    for k in &known {
+                        let v = kernel_verdict(&pp, &k.remote, ports);
+                        let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
+                        if v.0 != wildcard || v.0 == verdict::REDIRECT {
+                            entries.insert((k.identity, *port, proto_num(p)), v);
+                        }
+                    }
+                }
+            }
+            for ((remote_identity, port, protocol), (v, proxy_port)) in entries {
+                plan.policy.push(PlanEntry {
+                    key: PolicyKey {
+                        endpoint_id,
+                        remote_identity,
+                        port,
+                        protocol,
+                        direction: kdir,
+                    },
+                    value: PolicyValue {
+                        verdict: v,
+                        _pad: 0,
+                        proxy_port,
+                    },
+                });
+            }
+        }
+        plan.endpoints.push(PlanEndpoint {
+            name: ep.spec.name.clone(),
+            namespace: ep.spec.namespace.clone(),
+            interface: ep.spec.interface.clone(),
+            info: EndpointInfo {
+                endpoint_id,
+                identity: ep.identity,
+                flags,
+            },
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_policy::load::PolicySet;
+
+    const PORTS: ProxyPorts = ProxyPorts {
+        l7: 15001,
+        dns: 15053,
+    };
+
+    const INVENTORY: &str = "
+endpoints:
+  - {name: frontend, namespace: prod, labels: {app: frontend}, ips: [10.0.0.1], interface: veth-fe}
+  - {name: api, namespace: prod, labels: {app: api}, ips: [10.0.0.2, 'fd00::2'], ports: {http: 8080}}
+  - {name: intruder, namespace: prod, labels: {app: intruder}, ips: [10.0.0.3]}
+  - {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [10.0.0.53]}
+";
+
+    const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+    - ports: [{port: http, protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /items}]
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+    - ports: [{port: "9090", protocol: TCP}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: frontend, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: api}}]
+  - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: "53", protocol: UDP}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}]
+  - toCIDRSet: [{cidr: 192.0.2.0/24, except: [192.0.2.128/25]}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {app: api}}]
+    toPorts:
+    - ports: [{port: "22", protocol: TCP}]
+"#;
+
+    fn plan() -> (Plan, Inventory) {
+        let mut set = PolicySet::default();
+        set.load_str("p.yaml", POLICY);
+        assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+        let inv = Inventory::from_yaml(INVENTORY).unwrap();
+        (compile(&Evaluator::new(set.rules), &inv, PORTS), inv)
+    }
+
+    /// The kernel's lookup: four exact keys, deny wins, else the highest rank; no entry →
+    /// the endpoint's default. Mirrors `decide` in redirector-ebpf/ebpf/src/main.rs.
+    fn kernel(plan: &Plan, ep: &str, dir: u8, remote: u32, port: u16, protocol: u8) -> (u8, u16) {
+        let e = plan.endpoints.iter().find(|e| e.name == ep).unwrap();
+        let id = e.info.endpoint_id;
+        let rank = |v: u8| match v {
+            verdict::REDIRECT => 3,
+            verdict::ALLOW => 2,
+            verdict::AUDIT => 1,
+            _ => 0,
+        };
+        let mut best: Option<(u8, u16)> = None;
+        for (r, p, pr) in [
+            (remote, port, protocol),
+            (remote, 0, proto::ANY),
+            (identity::ANY, port, protocol),
+            (identity::ANY, 0, proto::ANY),
+        ] {
+            if let Some(x) = plan.policy.iter().find(|x| {
+                x.key
+                    == PolicyKey {
+                        endpoint_id: id,
+                        remote_identity: r,
+                        port: p,
+                        protocol: pr,
+                        direction: dir,
+                    }
+            }) {
+                if x.value.verdict == verdict::DENY {
+                    return (verdict::DENY, 0);
+                }
+                if best.is_none_or(|b| rank(x.value.verdict) > rank(b.0)) {
+                    best = Some((x.value.verdict, x.value.proxy_port));
+                }
+            }
+        }
+        let flag = if dir == dp_dir::INGRESS {
+            endpoint_flags::ENFORCE_INGRESS
+        } else {
+            endpoint_flags::ENFORCE_EGRESS
+        };
+        best.unwrap_or(if e.info.flags & flag != 0 {
+            (verdict::DENY, 0)
+        } else {
+            (verdict::ALLOW, 0)
+        })
+    }
+
+    #[test]
+    fn ingress_l7_port_redirects_allowed_peers_and_denies_the_rest() {
+        let (plan, inv) = plan();
+        let fe = inv.by_name("frontend").unwrap().identity;
+        let intruder = inv.by_name("intruder").unwrap().identity;
+        let api = plan.endpoints.iter().find(|e| e.name == "api").unwrap();
+        assert_eq!(
+            api.info.flags,
+            endpoint_flags::ENFORCE_INGRESS,
+            "api: ingress enforced, egress open"
+        );
+        let tcp = proto::TCP;
+        let i = dp_dir::INGRESS;
+        assert_eq!(
+            kernel(&plan, "api", i, fe, 8080, tcp),
+            (verdict::REDIRECT, 15001)
+        );
+        assert_eq!(kernel(&plan, "api", i, fe, 9090, tcp), (verdict::ALLOW, 0));
+        assert_eq!(kernel(&plan, "api", i, fe, 8081, tcp), (verdict::DENY, 0));
+        assert_eq!(
+            kernel(&plan, "api", i, fe, 8080, proto::UDP).0,
+            verdict::DENY
+        );
+        assert_eq!(
+            kernel(&plan, "api", i, intruder, 8080, tcp).0,
+            verdict::DENY
+        );
+        assert_eq!(
+            kernel(&plan, "api", i, identity::WORLD, 9090, tcp).0,
+            verdict::DENY
+        );
+        assert_eq!(
+            kernel(&plan, "api", dp_dir::EGRESS, intruder, 1234, tcp).0,
+            verdict::ALLOW
+        );
+    }
+
+    #[test]
+    fn egress_l3_allow_with_a_port_deny_dns_redirect_and_cidr_except() {
+        let (plan, inv) = plan();
+        let api = inv.by_name("api").unwrap().identity;
+        let dns = inv.by_name("kube-dns").unwrap().identity;
+        let intruder = inv.by_name("intruder").unwrap().identity;
+        let e = dp_dir::EGRESS;
+        let (tcp, udp) = (proto::TCP, proto::UDP);
+        assert_eq!(
+            kernel(&plan, "frontend", e, api, 8080, tcp).0,
+            verdict::ALLOW
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, api, 5432, udp).0,
+            verdict::ALLOW
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, api, 22, tcp).0,
+            verdict::DENY,
+            "egressDeny wins"
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, dns, 53, udp),
+            (verdict::REDIRECT, 15053)
+        );
+        assert_eq!(kernel(&plan, "frontend", e, dns, 53, tcp).0, verdict::DENY);
+        assert_eq!(
+            kernel(&plan, "frontend", e, intruder, 80, tcp).0,
+            verdict::DENY
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, identity::WORLD, 443, tcp).0,
+            verdict::DENY
+        );
+        // The CIDR and its except got identities, by longest prefix.
+        let id_of = |net: &str| {
+            let n: IpNet = net.parse().unwrap();
+            plan.ipcache
+                .iter()
+                .find(|(x, _)| *x == n)
+                .map(|(_, id)| *id)
+                .unwrap()
+        };
+        let allowed = id_of("192.0.2.0/24");
+        let except = id_of("192.0.2.128/25");
+        assert!(allowed >= FIRST_CIDR_IDENTITY && except >= FIRST_CIDR_IDENTITY);
+        assert_eq!(
+            kernel(&plan, "frontend", e, allowed, 443, tcp).0,
+            verdict::ALLOW
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, allowed, 80, tcp).0,
+            verdict::DENY
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, except, 443, tcp).0,
+            verdict::DENY
+        );
+        let fe = plan
+            .endpoints
+            .iter()
+            .find(|x| x.name == "frontend")
+            .unwrap();
+        assert_eq!(fe.interface.as_deref(), Some("veth-fe"));
+        assert_eq!(fe.info.flags, endpoint_flags::ENFORCE_EGRESS);
+    }
+
+    #[test]
+    fn endpoint_addresses_are_in_the_ipcache_and_unselected_endpoints_are_open() {
+        let (plan, inv) = plan();
+        let api = inv.by_name("api").unwrap().identity;
+        for ip in ["10.0.0.2/32", "fd00::2/128"] {
+            let n: IpNet = ip.parse().unwrap();
+            assert!(plan.ipcache.contains(&(n, api)), "{ip}");
+        }
+        let intruder = plan
+            .endpoints
+            .iter()
+            .find(|e| e.name == "intruder")
+            .unwrap();
+        assert_eq!(intruder.info.flags, 0);
+        assert!(
+            !plan
+                .policy
+                .iter()
+                .any(|p| p.key.endpoint_id == intruder.info.endpoint_id)
+        );
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn every_kernel_verdict_agrees_with_the_evaluator_on_a_grid_of_flows() {
+        let (plan, inv) = plan();
+        let mut set = PolicySet::default();
+        set.load_str("p.yaml", POLICY);
+        let eval = Evaluator::new(set.rules);
+        for ep in &inv.endpoints {
+            let named: Vec<(String, u16)> =
+                ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let local = Local {
+                labels: &ep.labels,
+                is_host: false,
+                named_ports: &named,
+            };
+            for (dir, kdir) in [
+                (Direction::Ingress, dp_dir::INGRESS),
+                (Direction::Egress, dp_dir::EGRESS),
+            ] {
+                for peer in &inv.endpoints {
+                    for port in [22u16, 53, 80, 443, 8080, 9090, 40000] {
+                        for p in [Protocol::Tcp, Protocol::Udp] {
+                            let pp = eval.port_policy(&local, dir, port, p);
+                            let want = kernel_verdict(&pp, &Remote::endpoint(peer), PORTS);
+                            let got = kernel(
+                                &plan,
+                                &ep.spec.name,
+                                kdir,
+                                peer.identity,
+                                port,
+                                proto_num(p),
+                            );
+                            assert_eq!(
+                                got, want,
+                                "{} {dir:?} {} {port}/{p:?}",
+                                ep.spec.name, peer.spec.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
