@@ -10,6 +10,7 @@ mod normalize;
 mod observe;
 mod policytest;
 mod request;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ enum Command {
     /// Inspect the proxy's FQDN cache (names learned from DNS answers).
     #[command(subcommand)]
     Fqdn(fqdn_cmd::FqdnCommand),
+    /// Datapath + agent + proxy on this host from a policy directory and an endpoints
+    /// inventory; reloads on file changes.
+    Up(Box<up::UpArgs>),
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -58,7 +62,7 @@ enum Command {
     },
 }
 
-fn run_proxy(args: &tollgate_proxy::ProxyArgs) -> anyhow::Result<bool> {
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -66,6 +70,10 @@ fn run_proxy(args: &tollgate_proxy::ProxyArgs) -> anyhow::Result<bool> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+}
+
+fn run_proxy(args: &tollgate_proxy::ProxyArgs) -> anyhow::Result<bool> {
+    init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -82,6 +90,10 @@ fn main() -> ExitCode {
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
         Command::Fqdn(cmd) => fqdn_cmd::run(cmd),
         Command::Proxy(args) => run_proxy(args),
+        Command::Up(args) => {
+            init_tracing();
+            up::run(args)
+        }
         Command::Observe(args) => observe::run(args),
     };
     match result {

@@ -53,9 +53,111 @@ pub fn apply(dp: &mut Datapath, plan: &Plan) -> Result<Applied, DatapathError> {
 
 /// In the calling thread's network namespace (sysfs would show the namespace it was mounted in).
 fn interface_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
+    ifindex(name).is_some()
+}
+
+/// What [`update`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Updated {
+    pub policy_written: usize,
+    pub policy_removed: usize,
+    pub ipcache_written: usize,
+    pub ipcache_removed: usize,
+    pub endpoints_written: usize,
+    pub endpoints_removed: usize,
+    pub unattached: Vec<String>,
+}
+
+/// Move the kernel from `old` to `new`, writing only what changed: new and changed entries
+/// first, then endpoints, then removal of what `new` no longer has, so that at no point a flow
+/// the new policy allows finds its entry missing. Established flows keep their verdict (the
+/// connection tracker), as in Cilium; new flows see the new policy.
+pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, DatapathError> {
+    use std::collections::{HashMap, HashSet};
+    let mut out = Updated::default();
+
+    let old_ip: HashMap<_, _> = old.ipcache.iter().copied().collect();
+    let ip_changed: Vec<_> = new
+        .ipcache
+        .iter()
+        .copied()
+        .filter(|(n, id)| old_ip.get(n) != Some(id))
+        .collect();
+    dp.upsert_ipcache(&ip_changed)?;
+    out.ipcache_written = ip_changed.len();
+
+    let old_pol: HashMap<_, _> = old.policy.iter().map(|e| (e.key, e.value)).collect();
+    let pol_changed: Vec<PolicyEntry> = new
+        .policy
+        .iter()
+        .filter(|e| old_pol.get(&e.key) != Some(&e.value))
+        .map(|e| PolicyEntry {
+            key: e.key,
+            value: e.value,
+        })
+        .collect();
+    dp.upsert_policy(&pol_changed)?;
+    out.policy_written = pol_changed.len();
+
+    let old_eps: HashMap<_, _> = old
+        .endpoints
+        .iter()
+        .filter_map(|e| e.interface.as_ref().map(|i| (i.clone(), e.info)))
+        .collect();
+    let mut present = HashSet::new();
+    for ep in &new.endpoints {
+        let who = format!("{}/{}", ep.namespace, ep.name);
+        let Some(ifname) = &ep.interface else {
+            out.unattached
+                .push(format!("{who}: no interface in the inventory"));
+            continue;
+        };
+        if !interface_exists(ifname) {
+            out.unattached
+                .push(format!("{who}: interface {ifname} does not exist"));
+            continue;
+        }
+        present.insert(ifname.clone());
+        if old_eps.get(ifname) != Some(&ep.info) {
+            dp.upsert_endpoint(ifname, ep.info)?;
+            if !old_eps.contains_key(ifname) {
+                dp.attach(ifname)?;
+            }
+            out.endpoints_written += 1;
+        }
+    }
+    for ifname in old_eps.keys().filter(|i| !present.contains(*i)) {
+        if let Some(idx) = ifindex(ifname) {
+            dp.remove_endpoint(idx)?;
+            dp.detach(ifname)?;
+        }
+        out.endpoints_removed += 1;
+    }
+
+    let new_keys: HashSet<_> = new.policy.iter().map(|e| e.key).collect();
+    let stale: Vec<_> = old
+        .policy
+        .iter()
+        .map(|e| e.key)
+        .filter(|k| !new_keys.contains(k))
+        .collect();
+    dp.remove_policy(&stale)?;
+    out.policy_removed = stale.len();
+    let new_nets: HashSet<_> = new.ipcache.iter().map(|(n, _)| *n).collect();
+    let stale_nets: Vec<_> = old
+        .ipcache
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| !new_nets.contains(n))
+        .collect();
+    dp.remove_ipcache(&stale_nets)?;
+    out.ipcache_removed = stale_nets.len();
+    Ok(out)
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: a valid NUL-terminated string; the call has no other preconditions.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
 }

@@ -38,7 +38,7 @@ use tollgate_policy::peer::Remote;
 use crate::audit::{self, AuditSink, DnsFields, Record};
 use crate::metrics::Metrics;
 use crate::sockets;
-use crate::state::PolicyState;
+use crate::state::{PolicyHandle, PolicyState};
 
 const PROTOCOL: &str = "dns";
 /// A client TCP connection idle this long is closed.
@@ -61,6 +61,8 @@ pub struct DnsOptions {
     pub upstream_tcp_connections: usize,
     /// Queries being answered at once, per listener; beyond it queries get `SERVFAIL`.
     pub max_in_flight: usize,
+    /// Mark of the upstream sockets ([`crate::upstream`]).
+    pub upstream_mark: Option<u32>,
 }
 
 impl Default for DnsOptions {
@@ -71,6 +73,7 @@ impl Default for DnsOptions {
             upstream_udp_sockets: 4,
             upstream_tcp_connections: 2,
             max_in_flight: 10_000,
+            upstream_mark: None,
         }
     }
 }
@@ -105,13 +108,55 @@ impl Transport {
     }
 }
 
-/// Where a listener's queries go (fixed mode): a managed endpoint or the world, at `upstream`;
-/// `policy_port` is the port rules name (default 53).
+/// Who the destination is, as policy sees it.
+#[derive(Debug)]
+enum Target {
+    /// A managed endpoint, by name (fixed mode).
+    Endpoint(String),
+    /// The world (fixed mode, `world@ADDR`).
+    World,
+    /// Whoever owns the upstream address (transparent mode: the original destination).
+    Owner,
+}
+
+/// Where queries go: `upstream`; `policy_port` is the port rules name.
 #[derive(Debug)]
 struct Destination {
-    idx: Option<usize>,
+    target: Target,
     policy_port: u16,
     upstream: SocketAddr,
+}
+
+/// One destination's view of one version of the policy; rebuilt when the policy is swapped,
+/// so a query is judged entirely by one version.
+#[derive(Debug)]
+struct View {
+    state: Arc<PolicyState>,
+    dst_idx: Option<usize>,
+    /// The destination endpoint's ingress port policies (UDP, TCP).
+    ingress: [Option<Arc<PortPolicy>>; 2],
+    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
+}
+
+impl View {
+    fn new(state: Arc<PolicyState>, dest: &Destination) -> View {
+        let dst_idx = match &dest.target {
+            Target::Endpoint(name) => state.endpoint_index(name),
+            Target::World => None,
+            Target::Owner => state.endpoint_by_ip(dest.upstream.ip()),
+        };
+        let ingress = [Transport::Udp, Transport::Tcp].map(|t| {
+            dst_idx.map(|i| {
+                state.port_policy_for(i, Direction::Ingress, dest.policy_port, t.protocol())
+            })
+        });
+        View {
+            state,
+            dst_idx,
+            ingress,
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -262,7 +307,16 @@ struct InFlight {
     deadline: Instant,
     /// Set when the decision must be audited (audit mode would deny): audited with the
     /// rcode the client finally gets.
-    audit: Option<Box<(Verdict, Remote, Remote)>>,
+    audit: Option<Box<AuditLater>>,
+}
+
+/// What an audit record written when a forwarded query completes needs from its decision.
+#[derive(Debug)]
+struct AuditLater {
+    v: Verdict,
+    src: Remote,
+    dst: Remote,
+    state: Arc<PolicyState>,
 }
 
 /// One connected UDP socket to the upstream and its queries in flight.
@@ -272,15 +326,10 @@ struct UdpSlot {
     pending: Mutex<Pending<InFlight>>,
 }
 
-async fn udp_slots(upstream: SocketAddr, n: usize) -> Result<Vec<UdpSlot>> {
+async fn udp_slots(upstream: SocketAddr, n: usize, mark: Option<u32>) -> Result<Vec<UdpSlot>> {
     let mut slots = Vec::new();
     for _ in 0..n.max(1) {
-        let local: SocketAddr = if upstream.is_ipv4() {
-            "0.0.0.0:0".parse()?
-        } else {
-            "[::]:0".parse()?
-        };
-        let sock = UdpSocket::bind(local).await?;
+        let sock = crate::upstream::udp_socket(upstream, mark)?;
         sock.connect(upstream)
             .await
             .with_context(|| format!("connect UDP upstream {upstream}"))?;
@@ -383,12 +432,19 @@ struct TcpUpstream {
     slots: Vec<tokio::sync::Mutex<Option<Arc<TcpConn>>>>,
     next: AtomicUsize,
     metrics: Arc<Metrics>,
+    mark: Option<u32>,
 }
 
 impl TcpUpstream {
-    fn new(upstream: SocketAddr, n: usize, metrics: Arc<Metrics>) -> TcpUpstream {
+    fn new(
+        upstream: SocketAddr,
+        n: usize,
+        metrics: Arc<Metrics>,
+        mark: Option<u32>,
+    ) -> TcpUpstream {
         TcpUpstream {
             upstream,
+            mark,
             slots: (0..n.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
@@ -404,11 +460,11 @@ impl TcpUpstream {
         {
             return Ok(c.clone());
         }
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.upstream))
-            .await
-            .map_err(|_| UpstreamError::Timeout)?
-            .map_err(UpstreamError::Io)?;
-        let _ = stream.set_nodelay(true);
+        let stream =
+            tokio::time::timeout(timeout, crate::upstream::connect(self.upstream, self.mark))
+                .await
+                .map_err(|_| UpstreamError::Timeout)?
+                .map_err(UpstreamError::Io)?;
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::channel(1024);
         let pending = Arc::new(Mutex::new(Pending::new(seed())));
@@ -501,7 +557,7 @@ struct Source {
 /// What every destination of a listener shares.
 #[derive(Debug, Clone)]
 struct Shared {
-    state: Arc<PolicyState>,
+    state: PolicyHandle,
     sink: AuditSink,
     metrics: Arc<Metrics>,
     node: String,
@@ -512,14 +568,12 @@ struct Shared {
 /// sockets and connections, and the socket replies are sent from.
 #[derive(Debug)]
 struct Ctx {
-    state: Arc<PolicyState>,
+    policy: PolicyHandle,
+    view: Mutex<Arc<View>>,
     sink: AuditSink,
     metrics: Arc<Metrics>,
     node: String,
     dest: Destination,
-    /// The destination endpoint's ingress port policies (UDP, TCP).
-    ingress: [Option<Arc<PortPolicy>>; 2],
-    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
     opts: DnsOptions,
     /// Replies leave from here: the listener itself (fixed mode), or a transparent socket
     /// bound to the original destination, so the client hears back from the address it asked.
@@ -541,26 +595,23 @@ impl Ctx {
             node,
             opts,
         } = shared.clone();
-        let udp_up = udp_slots(dest.upstream, opts.upstream_udp_sockets).await?;
+        let udp_up =
+            udp_slots(dest.upstream, opts.upstream_udp_sockets, opts.upstream_mark).await?;
         sockets::grow_receive_buffer(&*reply, sockets::DNS_RCVBUF);
         let tcp_up = TcpUpstream::new(
             dest.upstream,
             opts.upstream_tcp_connections,
             metrics.clone(),
+            opts.upstream_mark,
         );
-        let ingress = [Transport::Udp, Transport::Tcp].map(|t| {
-            dest.idx.map(|i| {
-                state.port_policy_for(i, Direction::Ingress, dest.policy_port, t.protocol())
-            })
-        });
+        let view = Mutex::new(Arc::new(View::new(state.load(), &dest)));
         let ctx = Arc::new(Ctx {
-            state,
+            policy: state,
+            view,
             sink,
             metrics,
             node,
             dest,
-            ingress,
-            sources: Mutex::new(HashMap::new()),
             tcp_in_flight: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
             opts,
             udp: reply,
@@ -611,7 +662,7 @@ impl DnsListener {
         addr: SocketAddr,
         dest: &str,
         upstream: SocketAddr,
-        state: Arc<PolicyState>,
+        state: impl Into<PolicyHandle>,
         sink: AuditSink,
         metrics: Arc<Metrics>,
         opts: DnsOptions,
@@ -624,12 +675,14 @@ impl DnsListener {
             ),
             None => (dest, 53),
         };
-        let idx = if name == "world" {
-            None
+        let state: PolicyHandle = state.into();
+        let target = if name == "world" {
+            Target::World
         } else {
-            Some(state.endpoint_index(name).with_context(|| {
+            state.load().endpoint_index(name).with_context(|| {
                 format!("DNS destination `{name}` is not in the endpoints inventory (or `world`)")
-            })?)
+            })?;
+            Target::Endpoint(name.to_string())
         };
         let (udp, tcp) = bind_pair(addr).await?;
         let local = udp.local_addr()?;
@@ -641,7 +694,7 @@ impl DnsListener {
             opts,
         };
         let dest = Destination {
-            idx,
+            target,
             policy_port,
             upstream,
         };
@@ -658,7 +711,7 @@ impl DnsListener {
     /// endpoint is whoever owns that address, and rules name its port. Needs CAP_NET_ADMIN.
     pub async fn bind_transparent(
         addr: SocketAddr,
-        state: Arc<PolicyState>,
+        state: impl Into<PolicyHandle>,
         sink: AuditSink,
         metrics: Arc<Metrics>,
         opts: DnsOptions,
@@ -677,7 +730,7 @@ impl DnsListener {
             mode: Mode::Transparent {
                 udp,
                 shared: Shared {
-                    state,
+                    state: state.into(),
                     sink,
                     metrics,
                     node: audit::node_name(),
@@ -739,7 +792,7 @@ impl DnsListener {
             let reply = sockets::transparent(orig, socket2::Type::DGRAM, false)?;
             let reply = Arc::new(UdpSocket::from_std(reply.into())?);
             let dest = Destination {
-                idx: shared.state.endpoint_by_ip(orig.ip()),
+                target: Target::Owner,
                 policy_port: orig.port(),
                 upstream: orig,
             };
@@ -895,11 +948,23 @@ async fn serve_tcp_client(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 impl Ctx {
-    fn source(&self, ip: IpAddr) -> Arc<Source> {
-        if let Some(s) = self.sources.lock().ok().and_then(|c| c.get(&ip).cloned()) {
+    /// The view of the policy in force (rebuilt once after each swap).
+    fn view(&self) -> Arc<View> {
+        let current = self.policy.load();
+        let Ok(mut v) = self.view.lock() else {
+            return Arc::new(View::new(current, &self.dest));
+        };
+        if !Arc::ptr_eq(&v.state, &current) {
+            *v = Arc::new(View::new(current, &self.dest));
+        }
+        v.clone()
+    }
+
+    fn source(&self, view: &View, ip: IpAddr) -> Arc<Source> {
+        if let Some(s) = view.sources.lock().ok().and_then(|c| c.get(&ip).cloned()) {
             return s;
         }
-        let state = &self.state;
+        let state = &view.state;
         let idx = state.endpoint_by_ip(ip);
         let port = self.dest.policy_port;
         let s = Arc::new(Source {
@@ -910,7 +975,7 @@ impl Ctx {
         });
         // World clients are not cached: the names their IP was learned under change.
         if idx.is_some()
-            && let Ok(mut c) = self.sources.lock()
+            && let Ok(mut c) = view.sources.lock()
         {
             if c.len() >= MAX_CACHED_SOURCES {
                 c.clear();
@@ -920,21 +985,28 @@ impl Ctx {
         s
     }
 
-    fn destination(&self) -> Remote {
-        match self.dest.idx {
-            Some(i) => Remote::endpoint(self.state.endpoint(i)),
-            None => self.state.remote(self.dest.upstream.ip()),
+    fn destination(&self, view: &View) -> Remote {
+        match view.dst_idx {
+            Some(i) => Remote::endpoint(view.state.endpoint(i)),
+            None => view.state.remote(self.dest.upstream.ip()),
         }
     }
 
     /// The combined verdict of the source's egress and the destination's ingress.
-    fn decide(&self, src: &Source, dst: &Remote, transport: Transport, qname: &str) -> Verdict {
+    fn decide(
+        &self,
+        view: &View,
+        src: &Source,
+        dst: &Remote,
+        transport: Transport,
+        qname: &str,
+    ) -> Verdict {
         let request = L7Request::Dns { qname };
         let t = transport as usize;
         let egress = src.egress[t]
             .as_ref()
             .map(|pp| pp.evaluate(dst, Some(&request)));
-        let ingress = self.ingress[t]
+        let ingress = view.ingress[t]
             .as_ref()
             .map(|pp| pp.evaluate(&src.remote, Some(&request)));
         let v = combine(egress.as_ref(), ingress.as_ref());
@@ -953,12 +1025,14 @@ impl Ctx {
                 return dns::formerr(&msg);
             }
         };
-        let src = self.source(peer.ip());
-        let dst = self.destination();
-        let v = self.decide(&src, &dst, Transport::Udp, &q.question.name);
+        let view = self.view();
+        let src = self.source(&view, peer.ip());
+        let dst = self.destination(&view);
+        let v = self.decide(&view, &src, &dst, Transport::Udp, &q.question.name);
         if v.decision == Decision::Deny {
             let reply = dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode);
             self.audit(
+                &view.state,
                 &v,
                 &src.remote,
                 &dst,
@@ -969,7 +1043,14 @@ impl Ctx {
             );
             return Some(reply);
         }
-        let audit = (v.decision != Decision::Allow).then(|| Box::new((v, src.remote.clone(), dst)));
+        let audit = (v.decision != Decision::Allow).then(|| {
+            Box::new(AuditLater {
+                v,
+                src: src.remote.clone(),
+                dst,
+                state: view.state.clone(),
+            })
+        });
         let slot_idx = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.udp_up.len();
         let slot = &self.udp_up[slot_idx];
         let mut out = msg.clone();
@@ -1019,7 +1100,16 @@ impl Ctx {
     fn finish_audit(&self, e: &InFlight, reply: &[u8]) {
         if let Some(a) = &e.audit {
             let answered = dns::Header::parse(reply).map_or(rcode::SERVFAIL, |h| h.rcode());
-            self.audit(&a.0, &a.1, &a.2, e.client, &e.q, answered, Transport::Udp);
+            self.audit(
+                &a.state,
+                &a.v,
+                &a.src,
+                &a.dst,
+                e.client,
+                &e.q,
+                answered,
+                Transport::Udp,
+            );
         }
     }
 
@@ -1033,9 +1123,10 @@ impl Ctx {
                 return dns::formerr(&msg);
             }
         };
-        let src = self.source(peer.ip());
-        let dst = self.destination();
-        let v = self.decide(&src, &dst, Transport::Tcp, &q.question.name);
+        let view = self.view();
+        let src = self.source(&view, peer.ip());
+        let dst = self.destination(&view);
+        let v = self.decide(&view, &src, &dst, Transport::Tcp, &q.question.name);
         let reply = if v.decision == Decision::Deny {
             dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode)
         } else {
@@ -1057,7 +1148,16 @@ impl Ctx {
         };
         if v.decision != Decision::Allow {
             let answered = dns::Header::parse(&reply).map_or(rcode::SERVFAIL, |h| h.rcode());
-            self.audit(&v, &src.remote, &dst, peer, &q, answered, Transport::Tcp);
+            self.audit(
+                &view.state,
+                &v,
+                &src.remote,
+                &dst,
+                peer,
+                &q,
+                answered,
+                Transport::Tcp,
+            );
         }
         Some(reply)
     }
@@ -1075,7 +1175,8 @@ impl Ctx {
                 }
                 // Learn before the client sees the answer: its first connection must match.
                 if let Some(l) = r.learned() {
-                    self.state
+                    self.policy
+                        .load()
                         .fqdn
                         .learn(&l.name, &l.ips, l.ttl, Instant::now());
                 }
@@ -1095,6 +1196,7 @@ impl Ctx {
     #[allow(clippy::too_many_arguments, reason = "all of it is the record")]
     fn audit(
         &self,
+        state: &PolicyState,
         v: &Verdict,
         src: &Remote,
         dst: &Remote,
@@ -1103,7 +1205,6 @@ impl Ctx {
         answered: u8,
         transport: Transport,
     ) {
-        let state = &self.state;
         let Some(mut r) = Record::of_verdict(
             v,
             PROTOCOL,

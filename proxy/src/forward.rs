@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::upstream::MarkedConnector;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
@@ -14,7 +15,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_parsers::path::{Options, normalize};
@@ -25,7 +25,7 @@ use tollgate_policy::model::Direction;
 use tollgate_policy::peer::Remote;
 
 use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Record, TlsFields};
-use crate::state::PolicyState;
+use crate::state::{PolicyHandle, PolicyState};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -36,7 +36,6 @@ enum Destination {
     /// destination's port as the workload addresses it).
     Fixed {
         name: String,
-        idx: usize,
         policy_port: u16,
         upstream: SocketAddr,
     },
@@ -51,13 +50,15 @@ enum Destination {
 pub struct Listener {
     tcp: TcpListener,
     dest: Destination,
-    state: Arc<PolicyState>,
+    state: PolicyHandle,
     metrics: Arc<crate::metrics::Metrics>,
     sink: AuditSink,
     deny_body: Bytes,
     node: String,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<MarkedConnector, Incoming>,
+    h2: Client<MarkedConnector, Incoming>,
+    /// Mark of every upstream connection ([`crate::upstream`]).
+    upstream_mark: Option<u32>,
 }
 
 impl Listener {
@@ -67,10 +68,11 @@ impl Listener {
         addr: SocketAddr,
         dest: &str,
         upstream: SocketAddr,
-        state: Arc<PolicyState>,
+        state: impl Into<PolicyHandle>,
         sink: AuditSink,
         deny_body: &str,
     ) -> Result<Listener> {
+        let state = state.into();
         let (name, policy_port) = match dest.rsplit_once(':') {
             Some((n, p)) => (
                 n,
@@ -79,7 +81,7 @@ impl Listener {
             ),
             None => (dest, upstream.port()),
         };
-        let Some(idx) = state.endpoint_index(name) else {
+        if state.load().endpoint_index(name).is_none() {
             anyhow::bail!("destination `{name}` is not in the endpoints inventory");
         };
         let tcp = TcpListener::bind(addr)
@@ -87,7 +89,6 @@ impl Listener {
             .with_context(|| format!("listen on {addr}"))?;
         let dest = Destination::Fixed {
             name: name.to_string(),
-            idx,
             policy_port,
             upstream,
         };
@@ -98,7 +99,7 @@ impl Listener {
     /// (`bpf_sk_assign`); needs CAP_NET_ADMIN.
     pub async fn bind_transparent(
         addr: SocketAddr,
-        state: Arc<PolicyState>,
+        state: impl Into<PolicyHandle>,
         sink: AuditSink,
         deny_body: &str,
     ) -> Result<Listener> {
@@ -124,7 +125,7 @@ impl Listener {
         Ok(Listener::new(
             tcp,
             Destination::Transparent,
-            state,
+            state.into(),
             sink,
             deny_body,
         ))
@@ -133,7 +134,7 @@ impl Listener {
     fn new(
         tcp: TcpListener,
         dest: Destination,
-        state: Arc<PolicyState>,
+        state: PolicyHandle,
         sink: AuditSink,
         deny_body: &str,
     ) -> Listener {
@@ -149,15 +150,28 @@ impl Listener {
             sink,
             deny_body: Bytes::from(body),
             node: audit::node_name(),
-            h1: Client::builder(TokioExecutor::new()).build_http(),
+            h1: Client::builder(TokioExecutor::new()).build(MarkedConnector::default()),
             h2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
-                .build_http(),
+                .build(MarkedConnector::default()),
+            upstream_mark: None,
         }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// Mark every upstream connection with `mark` (behind the datapath: the kernel admits
+    /// marked flows as judged by the proxy).
+    pub fn with_upstream_mark(mut self, mark: Option<u32>) -> Listener {
+        let connector = MarkedConnector { mark };
+        self.h1 = Client::builder(TokioExecutor::new()).build(connector);
+        self.h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        self.upstream_mark = mark;
+        self
     }
 
     /// Count this listener's decisions in `metrics` (shared by all listeners of a proxy).
@@ -205,6 +219,7 @@ struct Conn {
     src_remote: Remote,
     dst_remote: Remote,
     _fqdn_hold: Option<crate::fqdn::FqdnHold>,
+    state: Arc<PolicyState>,
 }
 
 impl Conn {
@@ -248,7 +263,7 @@ impl Conn {
         trace_id: Option<String>,
     ) {
         self.l.metrics.observe(v, protocol);
-        let state = &self.l.state;
+        let state = &self.state;
         let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.upstream.ip());
         let Some(mut r) = Record::of_verdict(
             v,
@@ -273,14 +288,14 @@ async fn handle_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<()> {
-    let state = &l.state;
+    // The policy in force when the connection starts decides all of it.
+    let state = l.state.load();
     let (dest_idx, port, upstream) = match &l.dest {
         Destination::Fixed {
-            idx,
+            name,
             policy_port,
             upstream,
-            ..
-        } => (Some(*idx), *policy_port, *upstream),
+        } => (state.endpoint_index(name), *policy_port, *upstream),
         Destination::Transparent => {
             let orig = stream.local_addr()?;
             (state.endpoint_by_ip(orig.ip()), orig.port(), orig)
@@ -298,6 +313,7 @@ async fn handle_connection(
     let fqdn_hold = (!dst_remote.fqdns.is_empty()).then(|| state.fqdn.hold(upstream.ip()));
     let conn = Arc::new(Conn {
         _fqdn_hold: fqdn_hold,
+        state: state.clone(),
         upstream_h1: tokio::sync::Mutex::new(None),
         upstream,
         policy_port: port,
@@ -331,7 +347,7 @@ async fn handle_connection(
         if v.decision == Decision::Deny {
             return Ok(());
         }
-        let mut up = TcpStream::connect(conn.upstream)
+        let mut up = crate::upstream::connect(conn.upstream, conn.l.upstream_mark)
             .await
             .with_context(|| format!("connect {}", conn.upstream))?;
         let _ = up.set_nodelay(true);
@@ -643,7 +659,7 @@ async fn forward(
 async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>> {
     let mut slot = conn.upstream_h1.lock().await;
     if slot.as_ref().is_none_or(|s| s.is_closed()) {
-        let stream = TcpStream::connect(conn.upstream).await?;
+        let stream = crate::upstream::connect(conn.upstream, conn.l.upstream_mark).await?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -25,6 +25,7 @@ pub mod fqdn;
 pub mod metrics;
 mod sockets;
 pub mod state;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 
 pub use forward::{Listener, serve_listener};
-pub use state::PolicyState;
+pub use state::{PolicyHandle, PolicyState};
 
 /// `tollgate proxy` arguments.
 #[derive(Debug, Clone, clap::Args)]

@@ -19,6 +19,41 @@ use crate::fqdn::{FqdnCache, FqdnConfig};
 
 type CacheKey = (usize, Direction, u16, Protocol);
 
+/// The policy in force, swappable while the proxy runs: connections and queries take the
+/// current [`PolicyState`] when they start and keep it, so none sees half a policy, and a new
+/// version applies to everything that starts after [`PolicyHandle::store`].
+#[derive(Debug, Clone)]
+pub struct PolicyHandle(Arc<std::sync::RwLock<Arc<PolicyState>>>);
+
+impl PolicyHandle {
+    pub fn new(state: Arc<PolicyState>) -> PolicyHandle {
+        PolicyHandle(Arc::new(std::sync::RwLock::new(state)))
+    }
+
+    /// The current policy.
+    pub fn load(&self) -> Arc<PolicyState> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Put `state` in force (its FQDN cache should be the previous one's: see
+    /// [`PolicyState::with_fqdn`]).
+    pub fn store(&self, state: Arc<PolicyState>) {
+        match self.0.write() {
+            Ok(mut g) => *g = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+    }
+}
+
+impl From<Arc<PolicyState>> for PolicyHandle {
+    fn from(state: Arc<PolicyState>) -> PolicyHandle {
+        PolicyHandle::new(state)
+    }
+}
+
 #[derive(Debug)]
 pub struct PolicyState {
     pub evaluator: Evaluator,

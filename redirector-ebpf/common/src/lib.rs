@@ -287,6 +287,15 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Mark the proxy puts on the connections it opens toward destinations (`SO_MARK`). A packet
+/// carrying it on its way *to* an endpoint is admitted without a policy lookup: the proxy has
+/// judged the flow with both sides' policies. Only the bits of [`PROXY_UPSTREAM_MARK_MASK`]
+/// count. Workloads cannot forge it: the kernel clears the mark when a packet leaves a network
+/// namespace through a veth.
+pub const PROXY_UPSTREAM_MARK: u32 = 0x0C00_0000;
+/// The bits of the mark that [`PROXY_UPSTREAM_MARK`] occupies.
+pub const PROXY_UPSTREAM_MARK_MASK: u32 = 0x0F00_0000;
+
 /// Datapath configuration, index 0 of the config array, written by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -30,8 +30,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tollgate_datapath_common::{
-    Config, Counter, CtKey, CtValue, DropEvent, EndpointInfo, PolicyKey, PolicyValue, capacity,
-    counter, direction, endpoint_flags, family, identity, proto, reason, verdict,
+    Config, Counter, CtKey, CtValue, DropEvent, EndpointInfo, PROXY_UPSTREAM_MARK,
+    PROXY_UPSTREAM_MARK_MASK, PolicyKey, PolicyValue, capacity, counter, direction, endpoint_flags,
+    family, identity, proto, reason, verdict,
 };
 
 #[map(name = "TG_IPCACHE_V4")]
@@ -380,13 +381,20 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         return TC_ACT_OK as i32;
     }
 
-    // 3. A new flow: judge it by policy.
+    // 3. A new flow: the proxy's own upstream connection (already judged by it, with both
+    //    sides' policies) or judged here by policy.
     let remote = if dir == direction::EGRESS {
         ipcache(p.family, &p.daddr)
     } else {
         ipcache(p.family, &p.saddr)
     };
-    let (mut v, proxy_port, why) = decide(&ep, remote, &p, dir);
+    let (mut v, proxy_port, why) = if dir == direction::INGRESS
+        && mark(ctx) & PROXY_UPSTREAM_MARK_MASK == PROXY_UPSTREAM_MARK
+    {
+        (verdict::ALLOW, 0, 0)
+    } else {
+        decide(&ep, remote, &p, dir)
+    };
     if v == verdict::REDIRECT && p.protocol != proto::TCP && p.protocol != proto::UDP {
         // Only TCP and UDP have a proxy; an L3-wide redirect entry admits the rest.
         v = verdict::ALLOW;

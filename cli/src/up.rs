@@ -1,0 +1,214 @@
+//! `tollgate up`: datapath, agent and proxy on this host, from a policy directory and an
+//! endpoints inventory (whose endpoints name their host-side interface).
+//!
+//! Start: load and compile the policy, write the kernel maps and attach the TC programs, install
+//! the redirect routing, start the proxy's transparent listeners (L7 and DNS) on the ports the
+//! redirect entries name. Then watch the files (polling their size and mtime): on a change,
+//! reload and recompile; a policy that does not load keeps the last good one in force (and says
+//! why); a good one is written to the kernel as a diff and swapped into the proxy atomically.
+//! Each applied change is logged with its revision and how long it took.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tollgate_agent::apply::{apply, update};
+use tollgate_agent::plan::{Plan, ProxyPorts, compile};
+use tollgate_datapath::{Datapath, DatapathOptions, RedirectRouting};
+use tollgate_proxy::audit::{AuditSink, Output};
+use tollgate_proxy::dns::{DnsListener, DnsOptions};
+use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig};
+use tollgate_proxy::metrics::Metrics;
+use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Policy files or directories (watched).
+    #[arg(long = "policies", required = true, num_args = 1..)]
+    pub policies: Vec<PathBuf>,
+    /// Endpoints inventory (watched); each endpoint's `interface` is where the datapath
+    /// attaches.
+    #[arg(long)]
+    pub endpoints: PathBuf,
+    /// Port of the proxy's transparent L7 listener (HTTP, gRPC, TLS) on 127.0.0.1.
+    #[arg(long, default_value_t = 15001)]
+    pub l7_port: u16,
+    /// Port of the proxy's transparent DNS listener (UDP and TCP) on 127.0.0.1.
+    #[arg(long, default_value_t = 15053)]
+    pub dns_port: u16,
+    /// Where the datapath pins its maps and links.
+    #[arg(long, default_value = tollgate_datapath::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// Audit log: a file path, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub audit_log: String,
+    /// Serve Prometheus metrics (and `/fqdn`) on this address.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// How often the files are checked for changes (milliseconds).
+    #[arg(long, default_value_t = 200)]
+    pub poll_ms: u64,
+}
+
+/// Size and modification time of every watched file, to notice changes.
+fn fingerprint(args: &UpArgs) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+        if p.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                let mut entries: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                entries.sort();
+                for e in entries {
+                    walk(&e, out);
+                }
+            }
+        } else if let Ok(m) = std::fs::metadata(p) {
+            out.push((p.to_path_buf(), m.len(), m.modified().ok()));
+        }
+    }
+    let mut out = Vec::new();
+    for p in args.policies.iter().chain(std::iter::once(&args.endpoints)) {
+        walk(p, &mut out);
+    }
+    out
+}
+
+/// Load and compile; policy diagnostics and plan warnings are printed, never dropped.
+///
+/// A problem confined to one ingress/egress item is applied as the policy model says (a bad
+/// allow item is left out, a bad deny item denies everything for its endpoints). A problem that
+/// loses more — a file that does not parse, a policy or rule rejected whole — is refused: its
+/// rules could be the deny rules that keep something closed, so the load fails and the caller
+/// keeps what is in force.
+fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<(PolicyState, Plan)> {
+    let mut state = PolicyState::load(&args.policies, &args.endpoints)?;
+    state.revision = revision;
+    let item_level = |path: &str| ["gress[", "gressDeny["].iter().any(|k| path.contains(k));
+    let blocking: Vec<String> = state
+        .diagnostics
+        .iter()
+        .filter(|d| !item_level(&d.path))
+        .map(|d| d.to_string())
+        .collect();
+    if !blocking.is_empty() {
+        anyhow::bail!(
+            "{} problem(s) that would drop whole files or rules:\n  {}",
+            blocking.len(),
+            blocking.join("\n  ")
+        );
+    }
+    for d in &state.diagnostics {
+        eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
+    }
+    let plan = compile(
+        &state.evaluator,
+        &state.inventory,
+        ProxyPorts {
+            l7: args.l7_port,
+            dns: args.dns_port,
+        },
+    );
+    for w in &plan.warnings {
+        eprintln!("tollgate up: warning: {w}");
+    }
+    Ok((state.with_fqdn(fqdn.clone()), plan))
+}
+
+pub fn run(args: &UpArgs) -> Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args.clone()))?;
+    Ok(true)
+}
+
+async fn serve(args: UpArgs) -> Result<()> {
+    let fqdn = Arc::new(FqdnCache::new(FqdnConfig::default()));
+    tokio::spawn(fqdn.clone().run_expiry());
+    let mut revision = 1;
+    let mut seen = fingerprint(&args);
+    let (state, mut plan) = load(&args, revision, &fqdn)?;
+
+    let mut dp = Datapath::load(&DatapathOptions {
+        pin_root: args.pin_root.clone(),
+        ..DatapathOptions::default()
+    })
+    .context("loading the datapath (root, bpffs and scripts/setup-datapath.sh needed)")?;
+    let applied = apply(&mut dp, &plan)?;
+    for u in &applied.unattached {
+        eprintln!("tollgate up: not enforced: {u}");
+    }
+    dp.install_redirect_routing(&RedirectRouting::default())?;
+
+    let handle = PolicyHandle::new(Arc::new(state));
+    let sink = AuditSink::start(Output::parse(&args.audit_log)?, 65_536);
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics {
+        tokio::spawn(tollgate_proxy::metrics::serve(
+            addr,
+            metrics.clone(),
+            sink.clone(),
+            Some(fqdn.clone()),
+        ));
+    }
+    let l7_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.l7_port));
+    let mark = Some(tollgate_datapath::common::PROXY_UPSTREAM_MARK);
+    let l7 = Listener::bind_transparent(l7_addr, handle.clone(), sink.clone(), "Access denied")
+        .await?
+        .with_metrics(metrics.clone())
+        .with_upstream_mark(mark);
+    tokio::spawn(serve_listener(l7));
+    let dns_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.dns_port));
+    let dns = DnsListener::bind_transparent(
+        dns_addr,
+        handle.clone(),
+        sink.clone(),
+        metrics.clone(),
+        DnsOptions {
+            upstream_mark: mark,
+            ..DnsOptions::default()
+        },
+    )
+    .await?;
+    tokio::spawn(dns.serve());
+    eprintln!(
+        "tollgate up: revision {revision}: {} endpoints, {} ipcache entries, {} policy entries; \
+         proxy on {l7_addr} (L7) and {dns_addr} (DNS)",
+        applied.endpoints, applied.ipcache, applied.policy
+    );
+
+    loop {
+        tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
+        let now = fingerprint(&args);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let started = Instant::now();
+        let (state, new_plan) = match load(&args, revision + 1, &fqdn) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("tollgate up: keeping revision {revision}: {e:#}");
+                continue;
+            }
+        };
+        let u = update(&mut dp, &plan, &new_plan)?;
+        handle.store(Arc::new(state));
+        revision += 1;
+        plan = new_plan;
+        eprintln!(
+            "tollgate up: revision {revision} applied in {:.1} ms ({} policy entries written, {} \
+             removed; {} ipcache written, {} removed; {} endpoints written, {} removed)",
+            started.elapsed().as_secs_f64() * 1000.0,
+            u.policy_written,
+            u.policy_removed,
+            u.ipcache_written,
+            u.ipcache_removed,
+            u.endpoints_written,
+            u.endpoints_removed
+        );
+        for x in &u.unattached {
+            eprintln!("tollgate up: not enforced: {x}");
+        }
+    }
+}
