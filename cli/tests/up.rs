@@ -42,6 +42,10 @@ spec:
   endpointSelector: {matchLabels: {app: server}}
   ingress:
   - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /allowed.txt}]
 "#;
 
 /// `curl` from `netns`: the HTTP status, or 0 when no connection could be made.
@@ -210,9 +214,10 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     let l7_change = until(200, || curl(&t.client.netns, &url("/secret.txt")));
     wait_for_log(&log, "revision 2 applied");
 
-    // Change 2 (L3/L4): the server admits only the client; `other` is now dropped in the
-    // kernel, while the client's proxied requests still arrive (the proxy's upstream
-    // connections carry its mark, and the proxy applied the server's ingress policy itself).
+    // Change 2 (the server's ingress, L3 and L7): only the client, and only GET /allowed.txt.
+    // `other` is now dropped in the kernel; the client's requests are redirected on the
+    // client's own interface so that the proxy applies the server's ingress HTTP rules, and
+    // the proxy's marked upstream connection is admitted by the server's interface.
     write_atomic(&policies.join("server.yaml"), SERVER_INGRESS);
     let l3_change = until(0, || curl_quick(&t.other.netns, &url("/allowed.txt")));
     wait_for_log(&log, "revision 3 applied");
@@ -220,6 +225,11 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
         curl(&t.client.netns, &url("/allowed.txt")),
         200,
         "client still allowed"
+    );
+    assert_eq!(
+        curl(&t.client.netns, &url("/secret.txt")),
+        403,
+        "the server's ingress L7 rule, although the client's egress allows it"
     );
 
     // A broken file keeps the last good policy in force and says why.
@@ -229,14 +239,20 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     );
     let logged = wait_for_log(&log, "keeping revision 3");
     assert!(logged.contains("broken.yaml:3"), "{logged}");
-    assert_eq!(curl(&t.client.netns, &url("/secret.txt")), 200);
+    assert_eq!(curl(&t.client.netns, &url("/secret.txt")), 403);
+    assert_eq!(curl(&t.client.netns, &url("/allowed.txt")), 200);
     assert_eq!(curl(&t.other.netns, &url("/allowed.txt")), 0);
 
     let recs = std::fs::read_to_string(&audit).unwrap();
     assert!(
         recs.lines()
-            .any(|l| l.contains("\"/secret.txt\"") && l.contains("\"denied\"")),
-        "{recs}"
+            .any(|l| l.contains("\"/secret.txt\"") && l.contains("\"egress\"")),
+        "the client's egress denial: {recs}"
+    );
+    assert!(
+        recs.lines()
+            .any(|l| l.contains("\"/secret.txt\"") && l.contains("\"ingress\"")),
+        "the server's ingress denial: {recs}"
     );
     eprintln!(
         "policy change to enforcement (poll 200 ms; L3/L4 includes one 100 ms connect timeout): \

@@ -28,7 +28,7 @@ use tollgate_datapath_common::{
 };
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::eval::{Decision, Evaluator, Local, PortPolicy};
-use tollgate_policy::model::{CompiledRule, Direction, PortSel, Protocol};
+use tollgate_policy::model::{CompiledRule, Direction, L7, PortSel, Protocol};
 use tollgate_policy::peer::{PeerMatch, Remote, RemoteKind};
 
 /// Port ranges up to this many ports are expanded into per-port entries.
@@ -174,6 +174,42 @@ fn named_ports(
     out
 }
 
+fn named_of(ep: &tollgate_policy::endpoints::Endpoint) -> Vec<(String, u16)> {
+    ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// The ports of ingress items with L7 rules or server names, among `rules`.
+fn l7_ports<'a>(
+    rules: impl Iterator<Item = &'a CompiledRule>,
+    named: &[(String, u16)],
+) -> BTreeSet<u16> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for e in r.ingress.allow.iter().chain(&r.ingress.deny) {
+            for pr in e.ports.iter().flatten() {
+                if matches!(pr.l7, L7::None) && pr.server_names.is_empty() {
+                    continue;
+                }
+                for pm in &pr.ports {
+                    match &pm.port {
+                        PortSel::Range(a, b) if u32::from(*b) - u32::from(*a) < MAX_RANGE_PORTS => {
+                            out.extend(*a..=*b)
+                        }
+                        PortSel::Named(n) => out.extend(
+                            named
+                                .iter()
+                                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                                .map(|(_, v)| *v),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The kernel verdict for one evaluated flow.
 fn kernel_verdict(pp: &PortPolicy, remote: &Remote, ports: ProxyPorts) -> (u8, u16) {
     let v = pp.evaluate(remote, None);
@@ -238,10 +274,30 @@ pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
         }
     }
 
+    // Ports on which each endpoint's ingress has L7 rules, by identity. A local client's flows
+    // to such a port are redirected on the client's own interface (`bpf_sk_assign` works only
+    // where a packet enters the node's stack), so the proxy can apply the destination's
+    // ingress L7 rules; the destination's interface then admits the proxy's marked connection.
+    let mut ingress_l7: BTreeMap<u32, (usize, BTreeSet<u16>)> = BTreeMap::new();
+    for (n, ep) in inv.endpoints.iter().enumerate() {
+        if ingress_l7.contains_key(&ep.identity) {
+            continue;
+        }
+        let named = named_of(ep);
+        let local = Local {
+            labels: &ep.labels,
+            is_host: false,
+            named_ports: &named,
+        };
+        let ports = l7_ports(eval.rules_selecting(&local), &named);
+        if !ports.is_empty() {
+            ingress_l7.insert(ep.identity, (n, ports));
+        }
+    }
+
     for (n, ep) in inv.endpoints.iter().enumerate() {
         let endpoint_id = n as u32 + 1;
-        let named: Vec<(String, u16)> =
-            ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let named = named_of(ep);
         let local = Local {
             labels: &ep.labels,
             is_host: false,
@@ -262,7 +318,14 @@ pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
                 endpoint_flags::ENFORCE_EGRESS,
             ),
         ] {
-            let mentioned = named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
+            let mut mentioned =
+                named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
+            if dir == Direction::Egress {
+                for (_, ports) in ingress_l7.values() {
+                    mentioned.extend(ports);
+                }
+            }
+            let me = Remote::endpoint(ep);
             // A port no rule names stands for all of them.
             let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
             let pp_other =
@@ -298,7 +361,25 @@ pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
                 for p in [Protocol::Tcp, Protocol::Udp] {
                     let pp = eval.port_policy(&local, dir, *port, p);
                     for k in &known {
-                        let v = kernel_verdict(&pp, &k.remote, ports);
+                        let mut v = kernel_verdict(&pp, &k.remote, ports);
+                        if dir == Direction::Egress
+                            && v.0 != verdict::DENY
+                            && let Some((r, l7)) = ingress_l7.get(&k.identity)
+                            && l7.contains(port)
+                        {
+                            let dst = &inv.endpoints[*r];
+                            let dst_named = named_of(dst);
+                            let dst_local = Local {
+                                labels: &dst.labels,
+                                is_host: false,
+                                named_ports: &dst_named,
+                            };
+                            let pp_in = eval.port_policy(&dst_local, Direction::Ingress, *port, p);
+                            let theirs = kernel_verdict(&pp_in, &me, ports);
+                            if theirs.0 == verdict::REDIRECT {
+                                v = theirs;
+                            }
+                        }
                         let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
                         if v.0 != wildcard || v.0 == verdict::REDIRECT {
                             entries.insert((k.identity, *port, proto_num(p)), v);
@@ -494,7 +575,12 @@ spec:
         let e = dp_dir::EGRESS;
         let (tcp, udp) = (proto::TCP, proto::UDP);
         assert_eq!(
-            kernel(&plan, "frontend", e, api, 8080, tcp).0,
+            kernel(&plan, "frontend", e, api, 8080, tcp),
+            (verdict::REDIRECT, 15001),
+            "redirected at the client, for the api's ingress HTTP rules"
+        );
+        assert_eq!(
+            kernel(&plan, "frontend", e, api, 9090, tcp).0,
             verdict::ALLOW
         );
         assert_eq!(
@@ -597,7 +683,31 @@ spec:
                     for port in [22u16, 53, 80, 443, 8080, 9090, 40000] {
                         for p in [Protocol::Tcp, Protocol::Udp] {
                             let pp = eval.port_policy(&local, dir, port, p);
-                            let want = kernel_verdict(&pp, &Remote::endpoint(peer), PORTS);
+                            let mut want = kernel_verdict(&pp, &Remote::endpoint(peer), PORTS);
+                            // Egress to a port where the peer's ingress has L7 rules is
+                            // redirected at this end (unless this end denies it).
+                            let peer_named: Vec<(String, u16)> = peer
+                                .spec
+                                .ports
+                                .iter()
+                                .map(|(k, v)| (k.clone(), *v))
+                                .collect();
+                            let peer_local = Local {
+                                labels: &peer.labels,
+                                is_host: false,
+                                named_ports: &peer_named,
+                            };
+                            let theirs = kernel_verdict(
+                                &eval.port_policy(&peer_local, Direction::Ingress, port, p),
+                                &Remote::endpoint(ep),
+                                PORTS,
+                            );
+                            if dir == Direction::Egress
+                                && want.0 != verdict::DENY
+                                && theirs.0 == verdict::REDIRECT
+                            {
+                                want = theirs;
+                            }
                             let got = kernel(
                                 &plan,
                                 &ep.spec.name,
