@@ -3,8 +3,8 @@
 # first with L7 policy YAML (lint, what-if, policy test tables). Part 2 enforces the same
 # policies live: tollgate's proxy in front of a real nginx on loopback, curl as three "pods"
 # (each its own 127.0.0.x source address), then the audit records via `tollgate observe` and
-# the Prometheus counters. Everything it starts, it stops. (The namespace + eBPF demo comes
-# with `tollgate up`, issue 7.)
+# the Prometheus counters. Part 3 (root) runs scripts/demo-live.sh: pods as network namespaces,
+# `tollgate up` with the eBPF datapath and the proxy. Everything it starts, it stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -69,3 +69,9 @@ sleep 1
 run $tg observe -f "$work/audit.jsonl"
 say "curl -s http://127.0.0.1:$metrics/metrics | grep ^tollgate_"
 curl -s "http://127.0.0.1:$metrics/metrics" | grep '^tollgate_' || true
+
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/demo-live.sh
+else
+  printf '\n(part 3, pods as network namespaces with the eBPF datapath, needs root: sudo scripts/demo-live.sh)\n'
+fi
