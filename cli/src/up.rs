@@ -13,12 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use tollgate_agent::apply::{apply, update};
-use tollgate_agent::plan::{Plan, ProxyPorts, compile};
+use std::sync::Mutex;
+
+use tollgate_agent::apply::{Updated, apply, update};
+use tollgate_agent::plan::{
+    FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile, compile_with,
+};
 use tollgate_datapath::{Datapath, DatapathOptions, RedirectRouting};
 use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
-use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig};
+use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig, FqdnUpdate};
 use tollgate_proxy::metrics::Metrics;
 use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
 
@@ -73,6 +77,71 @@ fn fingerprint(args: &UpArgs) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
+/// What the agent keeps between changes: the kernel, what it holds, and the learned IPs.
+struct Agent {
+    dp: Datapath,
+    plan: Plan,
+    state: Arc<PolicyState>,
+    /// IPs learned from DNS answers and the identity each was given.
+    learned: std::collections::BTreeMap<std::net::IpAddr, u32>,
+    next_fqdn_identity: u32,
+    ports: ProxyPorts,
+}
+
+impl Agent {
+    /// Recompile `state` with the learned IPs and write the difference to the kernel.
+    fn converge(&mut self, state: Arc<PolicyState>, fqdn: &FqdnCache) -> Result<Updated> {
+        let learned: Vec<LearnedIp> = self
+            .learned
+            .iter()
+            .map(|(ip, id)| LearnedIp {
+                identity: *id,
+                ip: *ip,
+                names: fqdn.names_of(*ip),
+            })
+            .collect();
+        let plan = compile_with(&state.evaluator, &state.inventory, self.ports, &learned);
+        for w in &plan.warnings {
+            eprintln!("tollgate up: warning: {w}");
+        }
+        let u = update(&mut self.dp, &self.plan, &plan)?;
+        self.plan = plan;
+        self.state = state;
+        Ok(u)
+    }
+
+    /// DNS answers changed what names resolve to: give new IPs an identity, drop forgotten
+    /// ones, and converge — before the answer is released to the client.
+    fn learned_changed(&mut self, changes: &[FqdnUpdate], fqdn: &FqdnCache) {
+        for c in changes {
+            match c {
+                FqdnUpdate::Added { ip, .. } => {
+                    if !self.learned.contains_key(ip) {
+                        self.learned.insert(*ip, self.next_fqdn_identity);
+                        self.next_fqdn_identity += 1;
+                    }
+                }
+                FqdnUpdate::Removed { ip, .. } => {
+                    if fqdn.names_of(*ip).is_empty() {
+                        self.learned.remove(ip);
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        match self.converge(self.state.clone(), fqdn) {
+            Ok(u) => eprintln!(
+                "tollgate up: {} learned IP(s): {} policy entries written, {} removed in {:.1} ms",
+                self.learned.len(),
+                u.policy_written,
+                u.policy_removed,
+                started.elapsed().as_secs_f64() * 1000.0
+            ),
+            Err(e) => eprintln!("tollgate up: applying learned IPs failed: {e:#}"),
+        }
+    }
+}
+
 /// Load and compile; policy diagnostics and plan warnings are printed, never dropped.
 ///
 /// A problem confined to one ingress/egress item is applied as the policy model says (a bad
@@ -80,7 +149,7 @@ fn fingerprint(args: &UpArgs) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// loses more — a file that does not parse, a policy or rule rejected whole — is refused: its
 /// rules could be the deny rules that keep something closed, so the load fails and the caller
 /// keeps what is in force.
-fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<(PolicyState, Plan)> {
+fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<PolicyState> {
     let mut state = PolicyState::load(&args.policies, &args.endpoints)?;
     state.revision = revision;
     let item_level = |path: &str| ["gress[", "gressDeny["].iter().any(|k| path.contains(k));
@@ -100,18 +169,7 @@ fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<(PolicySt
     for d in &state.diagnostics {
         eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
     }
-    let plan = compile(
-        &state.evaluator,
-        &state.inventory,
-        ProxyPorts {
-            l7: args.l7_port,
-            dns: args.dns_port,
-        },
-    );
-    for w in &plan.warnings {
-        eprintln!("tollgate up: warning: {w}");
-    }
-    Ok((state.with_fqdn(fqdn.clone()), plan))
+    Ok(state.with_fqdn(fqdn.clone()))
 }
 
 pub fn run(args: &UpArgs) -> Result<bool> {
@@ -127,7 +185,15 @@ async fn serve(args: UpArgs) -> Result<()> {
     tokio::spawn(fqdn.clone().run_expiry());
     let mut revision = 1;
     let mut seen = fingerprint(&args);
-    let (state, mut plan) = load(&args, revision, &fqdn)?;
+    let state = Arc::new(load(&args, revision, &fqdn)?);
+    let ports = ProxyPorts {
+        l7: args.l7_port,
+        dns: args.dns_port,
+    };
+    let plan = compile(&state.evaluator, &state.inventory, ports);
+    for w in &plan.warnings {
+        eprintln!("tollgate up: warning: {w}");
+    }
 
     let mut dp = Datapath::load(&DatapathOptions {
         pin_root: args.pin_root.clone(),
@@ -140,7 +206,24 @@ async fn serve(args: UpArgs) -> Result<()> {
     }
     dp.install_redirect_routing(&RedirectRouting::default())?;
 
-    let handle = PolicyHandle::new(Arc::new(state));
+    let handle = PolicyHandle::new(state.clone());
+    let agent = Arc::new(Mutex::new(Agent {
+        dp,
+        plan,
+        state,
+        learned: Default::default(),
+        next_fqdn_identity: FIRST_FQDN_IDENTITY,
+        ports,
+    }));
+    {
+        let agent = agent.clone();
+        let cache = Arc::downgrade(&fqdn);
+        fqdn.set_observer(Arc::new(move |changes: &[FqdnUpdate]| {
+            if let (Some(cache), Ok(mut a)) = (cache.upgrade(), agent.lock()) {
+                a.learned_changed(changes, &cache);
+            }
+        }));
+    }
     let sink = AuditSink::start(Output::parse(&args.audit_log)?, 65_536);
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = args.metrics {
@@ -185,17 +268,21 @@ async fn serve(args: UpArgs) -> Result<()> {
         }
         seen = now;
         let started = Instant::now();
-        let (state, new_plan) = match load(&args, revision + 1, &fqdn) {
-            Ok(x) => x,
+        let state = match load(&args, revision + 1, &fqdn) {
+            Ok(x) => Arc::new(x),
             Err(e) => {
                 eprintln!("tollgate up: keeping revision {revision}: {e:#}");
                 continue;
             }
         };
-        let u = update(&mut dp, &plan, &new_plan)?;
-        handle.store(Arc::new(state));
+        let u = {
+            let mut a = agent
+                .lock()
+                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+            a.converge(state.clone(), &fqdn)?
+        };
+        handle.store(state);
         revision += 1;
-        plan = new_plan;
         eprintln!(
             "tollgate up: revision {revision} applied in {:.1} ms ({} policy entries written, {} \
              removed; {} ipcache written, {} removed; {} endpoints written, {} removed)",

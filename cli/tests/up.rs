@@ -260,3 +260,153 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     );
     assert!(l7_change < Duration::from_secs(3) && l3_change < Duration::from_secs(3));
 }
+
+#[test]
+fn tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy() {
+    if !require_root("tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy")
+    {
+        return;
+    }
+    let t = Topology::new();
+    // `other` plays a host outside the cluster (not in the inventory): the world.
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), "outside\n").unwrap();
+    let outside = t.other.v4.to_string();
+    let _http = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.other.netns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+            ])
+            .args(["--bind", &outside, "--directory"])
+            .arg(www.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let resolver = t.server.v4.to_string();
+    let _dnsmasq = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.server.netns,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args([
+                "-C",
+                "/dev/null",
+                "--port=53",
+                "--bind-interfaces",
+                "--no-resolv",
+            ])
+            .args([
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                "--local-ttl=300",
+            ])
+            .arg(format!("--listen-address={resolver}"))
+            .arg(format!("--host-record=api.example.com,{outside}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{outside}:8080/index.html");
+    until(200, || curl(&t.client.netns, &url));
+
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("client.yaml"),
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: resolver}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}]
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+"#,
+    )
+    .unwrap();
+    let inventory = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "endpoints:\n  - {{name: client, namespace: prod, labels: {{app: client}}, ips: [{}], interface: {}}}\n  - {{name: resolver, namespace: prod, labels: {{app: resolver}}, ips: [{}], interface: {}}}\n",
+            t.client.v4, t.client.host_if, t.server.v4, t.server.host_if
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("up.log");
+    let _up = Reaped(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node))
+            .args([env!("CARGO_BIN_EXE_tollgate"), "up"])
+            .arg("--policies")
+            .arg(&policies)
+            .arg("--endpoints")
+            .arg(&inventory)
+            .arg("--pin-root")
+            .arg(&t.pin_root)
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_log(&log, "revision 1:");
+
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        0,
+        "the address is the world until a DNS answer names it"
+    );
+    let dig = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.client.netns,
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=2",
+        ])
+        .arg(format!("@{resolver}"))
+        .arg("api.example.com")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), outside);
+    // The very first connection after the answer, with no time for a SYN retry (100 ms
+    // connect timeout): the kernel entry was written before the answer was released.
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        200,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(
+        curl_quick(&t.client.netns, &format!("http://{outside}:8081/")),
+        0,
+        "toFQDNs opened port 8080 only"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("1 learned IP(s)"), "{logged}");
+}

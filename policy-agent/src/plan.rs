@@ -230,8 +230,31 @@ fn proto_num(p: Protocol) -> u8 {
     }
 }
 
+/// First identity given to IPs learned from DNS answers (after the CIDR range).
+pub const FIRST_FQDN_IDENTITY: u32 = FIRST_CIDR_IDENTITY + (1 << 20);
+
+/// An IP the DNS proxy learned, with the names it was learned under and the identity the
+/// agent gave it (one per IP, so that `toFQDNs` decides per address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedIp {
+    pub identity: u32,
+    pub ip: IpAddr,
+    pub names: Vec<String>,
+}
+
 /// Compile the rules of `eval` for the endpoints of `inv`.
 pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
+    compile_with(eval, inv, ports, &[])
+}
+
+/// [`compile`], with the IPs learned from DNS answers as remotes of their own (`toFQDNs`):
+/// each gets a host-prefix ipcache entry, so it wins over any CIDR it lies in.
+pub fn compile_with(
+    eval: &Evaluator,
+    inv: &Inventory,
+    ports: ProxyPorts,
+    learned: &[LearnedIp],
+) -> Plan {
     let mut plan = Plan::default();
 
     // Remote identities: endpoints (one per identity), host, world, CIDR prefixes.
@@ -256,6 +279,17 @@ pub fn compile(eval: &Evaluator, inv: &Inventory, ports: ProxyPorts) -> Plan {
         identity: identity::WORLD,
         remote: Remote::world(None, vec![]),
     });
+    for l in learned {
+        if inv.by_ip(l.ip).is_some() {
+            // toFQDNs never selects in-cluster addresses (cnp-semantics §3.4).
+            continue;
+        }
+        plan.ipcache.push((IpNet::from(l.ip), l.identity));
+        known.push(Known {
+            identity: l.identity,
+            remote: Remote::world(Some(l.ip), l.names.clone()),
+        });
+    }
     let cidrs = rule_cidrs(eval.rules());
     for (i, net) in cidrs.iter().enumerate() {
         let id = FIRST_CIDR_IDENTITY + i as u32;

@@ -95,11 +95,24 @@ impl Inner {
     }
 }
 
-#[derive(Debug)]
+/// Called with every batch of changes, synchronously, before [`FqdnCache::learn`] returns —
+/// so before the DNS answer is released. `tollgate up` writes the kernel ipcache and policy
+/// entries here, so that the client's first connection to a new IP is already allowed.
+pub type FqdnObserver = Arc<dyn Fn(&[FqdnUpdate]) + Send + Sync>;
+
 pub struct FqdnCache {
     cfg: FqdnConfig,
     inner: RwLock<Inner>,
     updates: broadcast::Sender<FqdnUpdate>,
+    observer: RwLock<Option<FqdnObserver>>,
+}
+
+impl std::fmt::Debug for FqdnCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FqdnCache")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Keeps an IP in the cache while a connection to it lives; released on drop.
@@ -130,6 +143,27 @@ impl FqdnCache {
             cfg,
             inner: RwLock::new(Inner::default()),
             updates,
+            observer: RwLock::new(None),
+        }
+    }
+
+    /// Install the synchronous observer (see [`FqdnObserver`]).
+    pub fn set_observer(&self, f: FqdnObserver) {
+        if let Ok(mut o) = self.observer.write() {
+            *o = Some(f);
+        }
+    }
+
+    fn notify(&self, changes: Vec<FqdnUpdate>) {
+        if changes.is_empty() {
+            return;
+        }
+        let observer = self.observer.read().ok().and_then(|o| o.clone());
+        if let Some(f) = observer {
+            f(&changes);
+        }
+        for u in changes {
+            self.publish(u);
         }
     }
 
@@ -191,19 +225,21 @@ impl FqdnCache {
                 g.unlink(name, ip);
             }
         }
+        let mut changes = Vec::new();
         for ip in added.iter().filter(|ip| !removed.contains(ip)) {
-            self.publish(FqdnUpdate::Added {
+            changes.push(FqdnUpdate::Added {
                 name: name.to_string(),
                 ip: *ip,
                 ttl_secs: ttl.as_secs(),
             });
         }
-        for ip in removed.into_iter().filter(|ip| !added.contains(ip)) {
-            self.publish(FqdnUpdate::Removed {
+        for ip in removed.iter().filter(|ip| !added.contains(ip)) {
+            changes.push(FqdnUpdate::Removed {
                 name: name.to_string(),
-                ip,
+                ip: *ip,
             });
         }
+        self.notify(changes);
     }
 
     /// The names `ip` was learned under (expired ones still held by connections included).
@@ -261,9 +297,11 @@ impl FqdnCache {
                 .retain(|ip, t| *t + grace > now || g.by_ip.contains_key(ip));
         }
         let n = gone.len();
-        for (name, ip) in gone {
-            self.publish(FqdnUpdate::Removed { name, ip });
-        }
+        self.notify(
+            gone.into_iter()
+                .map(|(name, ip)| FqdnUpdate::Removed { name, ip })
+                .collect(),
+        );
         n
     }
 
