@@ -174,6 +174,39 @@ fn named_ports(
     out
 }
 
+/// An endpoint whose ingress has L7 rules: its rules, and the ports they are on.
+struct IngressL7 {
+    rules: Evaluator,
+    labels: tollgate_policy::labels::LabelSet,
+    named: Vec<(String, u16)>,
+    ports: BTreeSet<u16>,
+    cache: std::cell::RefCell<
+        std::collections::HashMap<(u16, Protocol), std::rc::Rc<Verdicts<Box<PortPolicy>>>>,
+    >,
+}
+
+impl IngressL7 {
+    fn verdicts(
+        &self,
+        port: u16,
+        p: Protocol,
+        ports: ProxyPorts,
+    ) -> std::rc::Rc<Verdicts<Box<PortPolicy>>> {
+        if let Some(v) = self.cache.borrow().get(&(port, p)) {
+            return v.clone();
+        }
+        let local = Local {
+            labels: &self.labels,
+            is_host: false,
+            named_ports: &self.named,
+        };
+        let pp = Box::new(self.rules.port_policy(&local, Direction::Ingress, port, p));
+        let v = std::rc::Rc::new(Verdicts::new(pp, ports));
+        self.cache.borrow_mut().insert((port, p), v.clone());
+        v
+    }
+}
+
 fn named_of(ep: &tollgate_policy::endpoints::Endpoint) -> Vec<(String, u16)> {
     ep.spec.ports.iter().map(|(k, v)| (k.clone(), *v)).collect()
 }
@@ -208,6 +241,33 @@ fn l7_ports<'a>(
         }
     }
     out
+}
+
+/// Kernel verdicts of one port policy for many remotes: remotes no entry concerns all get the
+/// verdict of a remote that matches nothing, computed once.
+struct Verdicts<P: std::ops::Deref<Target = PortPolicy>> {
+    pp: P,
+    unconcerned: Option<(u8, u16)>,
+    ports: ProxyPorts,
+}
+
+impl<P: std::ops::Deref<Target = PortPolicy>> Verdicts<P> {
+    fn new(pp: P, ports: ProxyPorts) -> Verdicts<P> {
+        let nobody = Remote::reserved(RemoteKind::Unmanaged);
+        let unconcerned = (!pp.concerns(&nobody)).then(|| kernel_verdict(&pp, &nobody, ports));
+        Verdicts {
+            pp,
+            unconcerned,
+            ports,
+        }
+    }
+
+    fn of(&self, remote: &Remote) -> (u8, u16) {
+        match self.unconcerned {
+            Some(v) if !self.pp.concerns(remote) => v,
+            _ => kernel_verdict(&self.pp, remote, self.ports),
+        }
+    }
 }
 
 /// The kernel verdict for one evaluated flow.
@@ -312,8 +372,13 @@ pub fn compile_with(
     // to such a port are redirected on the client's own interface (`bpf_sk_assign` works only
     // where a packet enters the node's stack), so the proxy can apply the destination's
     // ingress L7 rules; the destination's interface then admits the proxy's marked connection.
-    let mut ingress_l7: BTreeMap<u32, (usize, BTreeSet<u16>)> = BTreeMap::new();
-    for (n, ep) in inv.endpoints.iter().enumerate() {
+    let known_by_id: std::collections::HashMap<u32, usize> = known
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.identity, i))
+        .collect();
+    let mut ingress_l7: BTreeMap<u32, IngressL7> = BTreeMap::new();
+    for ep in &inv.endpoints {
         if ingress_l7.contains_key(&ep.identity) {
             continue;
         }
@@ -325,7 +390,16 @@ pub fn compile_with(
         };
         let ports = l7_ports(eval.rules_selecting(&local), &named);
         if !ports.is_empty() {
-            ingress_l7.insert(ep.identity, (n, ports));
+            ingress_l7.insert(
+                ep.identity,
+                IngressL7 {
+                    rules: Evaluator::new(eval.rules_selecting(&local).cloned().collect()),
+                    labels: ep.labels.clone(),
+                    named,
+                    ports,
+                    cache: Default::default(),
+                },
+            );
         }
     }
 
@@ -338,6 +412,8 @@ pub fn compile_with(
             named_ports: &named,
         };
         let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
+        // Port policies are built from the rules that select this endpoint only.
+        let eval = &Evaluator::new(selecting.iter().map(|r| (*r).clone()).collect());
         let who = format!("{}/{}", ep.spec.namespace, ep.spec.name);
         let mut flags = 0;
         for (dir, kdir, flag) in [
@@ -352,13 +428,7 @@ pub fn compile_with(
                 endpoint_flags::ENFORCE_EGRESS,
             ),
         ] {
-            let mut mentioned =
-                named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
-            if dir == Direction::Egress {
-                for (_, ports) in ingress_l7.values() {
-                    mentioned.extend(ports);
-                }
-            }
+            let mentioned = named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
             let me = Remote::endpoint(ep);
             // A port no rule names stands for all of them.
             let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
@@ -373,9 +443,13 @@ pub fn compile_with(
             };
             let mut entries: BTreeMap<(u32, u16, u8), (u8, u16)> = BTreeMap::new();
             let mut any_port: BTreeMap<u32, u8> = BTreeMap::new();
+            let other_v = [
+                Verdicts::new(&pp_other[0], ports),
+                Verdicts::new(&pp_other[1], ports),
+            ];
             for k in &known {
-                let tcp = kernel_verdict(&pp_other[0], &k.remote, ports);
-                let udp = kernel_verdict(&pp_other[1], &k.remote, ports);
+                let tcp = other_v[0].of(&k.remote);
+                let udp = other_v[1].of(&k.remote);
                 let v = if tcp == udp {
                     tcp
                 } else {
@@ -394,29 +468,44 @@ pub fn compile_with(
             for port in &mentioned {
                 for p in [Protocol::Tcp, Protocol::Udp] {
                     let pp = eval.port_policy(&local, dir, *port, p);
+                    let vs = Verdicts::new(&pp, ports);
                     for k in &known {
-                        let mut v = kernel_verdict(&pp, &k.remote, ports);
-                        if dir == Direction::Egress
-                            && v.0 != verdict::DENY
-                            && let Some((r, l7)) = ingress_l7.get(&k.identity)
-                            && l7.contains(port)
-                        {
-                            let dst = &inv.endpoints[*r];
-                            let dst_named = named_of(dst);
-                            let dst_local = Local {
-                                labels: &dst.labels,
-                                is_host: false,
-                                named_ports: &dst_named,
-                            };
-                            let pp_in = eval.port_policy(&dst_local, Direction::Ingress, *port, p);
-                            let theirs = kernel_verdict(&pp_in, &me, ports);
-                            if theirs.0 == verdict::REDIRECT {
-                                v = theirs;
-                            }
-                        }
+                        let v = vs.of(&k.remote);
                         let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
                         if v.0 != wildcard || v.0 == verdict::REDIRECT {
                             entries.insert((k.identity, *port, proto_num(p)), v);
+                        }
+                    }
+                }
+            }
+            if dir == Direction::Egress {
+                let mut mine_cache: std::collections::HashMap<
+                    (u16, Protocol),
+                    Verdicts<Box<PortPolicy>>,
+                > = std::collections::HashMap::new();
+                // Redirect here what the destination's ingress L7 rules must see.
+                for (rid, dst) in &ingress_l7 {
+                    let Some(k) = known_by_id.get(rid).map(|i| &known[*i]) else {
+                        continue;
+                    };
+                    for port in &dst.ports {
+                        for p in [Protocol::Tcp, Protocol::Udp] {
+                            let mine = mine_cache
+                                .entry((*port, p))
+                                .or_insert_with(|| {
+                                    Verdicts::new(
+                                        Box::new(eval.port_policy(&local, dir, *port, p)),
+                                        ports,
+                                    )
+                                })
+                                .of(&k.remote);
+                            if mine.0 == verdict::DENY {
+                                continue;
+                            }
+                            let theirs = dst.verdicts(*port, p, ports).of(&me);
+                            if theirs.0 == verdict::REDIRECT {
+                                entries.insert((*rid, *port, proto_num(p)), theirs);
+                            }
                         }
                     }
                 }

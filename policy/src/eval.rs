@@ -219,6 +219,59 @@ pub struct PortPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct Evaluator {
     rules: Vec<CompiledRule>,
+    index: SubjectIndex,
+}
+
+/// Rules by one `key=value` their subject requires, so that finding the rules that select an
+/// endpoint looks at the few rules that could, not all of them (10,000 policies × 1,000
+/// endpoints is 10 million selector checks without it). Rules whose subject requires no single
+/// value are checked for every endpoint.
+#[derive(Debug, Clone, Default)]
+struct SubjectIndex {
+    by_label: std::collections::HashMap<(String, String), Vec<usize>>,
+    always: Vec<usize>,
+}
+
+impl SubjectIndex {
+    fn new(rules: &[CompiledRule]) -> SubjectIndex {
+        let mut idx = SubjectIndex::default();
+        for (i, r) in rules.iter().enumerate() {
+            let sel = match &r.subject {
+                Subject::Endpoints(s) | Subject::Nodes(s) => s,
+            };
+            let single = |r: &&crate::labels::Requirement| match &r.op {
+                crate::labels::Operator::In(v) if v.len() == 1 => {
+                    Some((r.key.clone(), v[0].clone()))
+                }
+                _ => None,
+            };
+            // Prefer a label other than the namespace: most subjects require their namespace.
+            let key = sel
+                .requirements
+                .iter()
+                .filter(|r| r.key != crate::labels::NAMESPACE_LABEL)
+                .find_map(|r| single(&r))
+                .or_else(|| sel.requirements.iter().find_map(|r| single(&r)));
+            match key {
+                Some(k) => idx.by_label.entry(k).or_default().push(i),
+                None => idx.always.push(i),
+            }
+        }
+        idx
+    }
+
+    /// Indices of the rules that might select `labels`, in rule order.
+    fn candidates(&self, labels: &LabelSet) -> Vec<usize> {
+        let mut out = self.always.clone();
+        for l in labels.iter() {
+            if let Some(v) = self.by_label.get(&(l.key.clone(), l.value.clone())) {
+                out.extend(v);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// The local side of a flow: the endpoint the policy is about.
@@ -231,7 +284,8 @@ pub struct Local<'a> {
 
 impl Evaluator {
     pub fn new(rules: Vec<CompiledRule>) -> Evaluator {
-        Evaluator { rules }
+        let index = SubjectIndex::new(&rules);
+        Evaluator { rules, index }
     }
 
     pub fn rules(&self) -> &[CompiledRule] {
@@ -245,12 +299,16 @@ impl Evaluator {
         }
     }
 
-    /// The rules that select `local`.
+    /// The rules that select `local`, in rule order.
     pub fn rules_selecting<'a>(
         &'a self,
         local: &'a Local<'_>,
     ) -> impl Iterator<Item = &'a CompiledRule> + 'a {
-        self.rules.iter().filter(|r| Self::selects(r, local))
+        self.index
+            .candidates(local.labels)
+            .into_iter()
+            .map(|i| &self.rules[i])
+            .filter(|r| Self::selects(r, local))
     }
 
     /// Gather what decides flows of `local` in `direction` to/from `port`/`protocol`.
@@ -271,7 +329,7 @@ impl Evaluator {
             layers: Default::default(),
             has_audit: false,
         };
-        for rule in self.rules.iter().filter(|r| Self::selects(r, local)) {
+        for rule in self.rules_selecting(local) {
             let d = rule.direction(direction);
             if !d.enforced {
                 continue;
@@ -383,6 +441,19 @@ impl PortPolicy {
             return Some(p.l7.kind());
         }
         rules().any(|p| !p.server_names.is_empty()).then_some("tls")
+    }
+
+    /// True when some entry of this port could decide flows of `remote` (its peer and its port
+    /// match), or the host exception applies. When false, `remote` gets the same verdict as any
+    /// other remote no entry concerns — what lets the agent skip evaluating most remotes.
+    pub fn concerns(&self, remote: &Remote) -> bool {
+        (self.direction == Direction::Ingress
+            && remote.kind == RemoteKind::Host
+            && !self.local_is_host)
+            || self
+                .candidates
+                .iter()
+                .any(|c| c.peer.matches(remote) && self.port_matches(c, remote))
     }
 
     /// True when some entry on this port has a `serverNames` allow-list (the proxy must read
