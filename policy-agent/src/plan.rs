@@ -180,10 +180,12 @@ struct IngressL7 {
     labels: tollgate_policy::labels::LabelSet,
     named: Vec<(String, u16)>,
     ports: BTreeSet<u16>,
-    cache: std::cell::RefCell<
-        std::collections::HashMap<(u16, Protocol), std::rc::Rc<Verdicts<Box<PortPolicy>>>>,
-    >,
+    cache: VerdictCache,
 }
+
+type VerdictCache = std::cell::RefCell<
+    std::collections::HashMap<(u16, Protocol), std::rc::Rc<Verdicts<Box<PortPolicy>>>>,
+>;
 
 impl IngressL7 {
     fn verdicts(
