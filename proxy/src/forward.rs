@@ -355,6 +355,14 @@ async fn handle_connection(
         tokio::io::copy_bidirectional(&mut stream, &mut up).await?;
         return Ok(());
     }
+    let rejecter = conn.clone();
+    let stream = crate::framing::FramingGuard::new(stream, move |e| {
+        let v = Verdict::malformed(
+            Direction::Ingress,
+            format!("request smuggling defence: {e}"),
+        );
+        rejecter.record(&v, "http", None, None, None);
+    });
     let svc = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle_request(conn, req).await) }

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod dns;
 mod forward;
 pub mod fqdn;
+mod framing;
 pub mod metrics;
 mod sockets;
 pub mod state;

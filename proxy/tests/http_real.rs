@@ -332,30 +332,52 @@ async fn raw_exchange(addr: SocketAddr, from: &str, request: &[u8]) -> Vec<Strin
         .collect()
 }
 
-/// What the proxy does today with conflicting framing: hyper drops `Content-Length` when
-/// `Transfer-Encoding` is present (RFC 9112 §6.3), reads the chunked body, and closes the
-/// connection after the response, so a request smuggled behind it is never parsed, judged or
-/// forwarded. (The issue asks for a 400 instead; that needs a head check before hyper and is
-/// still open.)
+/// Request smuggling defence: the framing of every request is checked before hyper parses it
+/// (`tollgate_parsers::http1`). Earlier requests on the connection are answered; the first
+/// request with conflicting framing gets `400` and the connection closes; nothing of it (or
+/// behind it) reaches the origin; the rejection is audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_framing_never_lets_a_smuggled_request_through() {
-    let origin = Nginx::start();
+async fn conflicting_framing_is_answered_400_and_never_forwarded() {
+    let origin = Nginx::start_with(
+        "location / { return 200 \"origin $request_method $request_uri\\n\"; }",
+        "",
+    );
     let p = start_proxy(None, "api-server:8080", origin.port).await;
-    let smuggle = b"GET /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/users HTTP/1.1\r\nHost: a\r\n\r\n";
+    let smuggle = b"GET /public/first HTTP/1.1\r\nHost: a\r\n\r\n\
+GET /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+GET /admin/users HTTP/1.1\r\nHost: a\r\n\r\n";
     let statuses = raw_exchange(p.addr, "127.0.0.10", smuggle).await;
     assert_eq!(
         statuses,
-        vec!["HTTP/1.1 200 OK"],
-        "one response, then the connection closes"
+        vec!["HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request"],
+        "the request before it is served, then 400 and close"
     );
-    // Had the smuggled request been parsed, it would have been denied and recorded.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = std::fs::read_to_string(&p.audit).unwrap_or_default();
-    assert!(!text.contains("/admin/users"), "{text}");
-    // Duplicate Content-Length values are refused by the HTTP parser itself.
-    let dup = b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello";
-    let statuses = raw_exchange(p.addr, "127.0.0.10", dup).await;
-    assert_eq!(statuses, vec!["HTTP/1.1 400 Bad Request"]);
+    let recs = audit_lines(&p, 1).await;
+    let r = recs
+        .iter()
+        .find(|r| r["reason"] == "malformed")
+        .expect("the rejection is audited");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("both Content-Length and Transfer-Encoding"),
+        "{r}"
+    );
+    assert!(!recs.iter().any(|r| r.to_string().contains("/admin/users")));
+    for bad in [
+        &b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"[..],
+        b"POST /public/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /public/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let statuses = raw_exchange(p.addr, "127.0.0.10", bad).await;
+        assert_eq!(
+            statuses,
+            vec!["HTTP/1.1 400 Bad Request"],
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
 }
 
 fn peak_rss_kb() -> u64 {
