@@ -47,6 +47,12 @@ pub struct UpArgs {
     /// Audit log: a file path, or `-` for stdout.
     #[arg(long, default_value = "-")]
     pub audit_log: String,
+    /// Rotate the audit log file when it would grow past this many bytes (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit log files kept.
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
     /// Serve Prometheus metrics (and `/fqdn`) on this address.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
@@ -224,7 +230,10 @@ async fn serve(args: UpArgs) -> Result<()> {
             }
         }));
     }
-    let sink = AuditSink::start(Output::parse(&args.audit_log)?, 65_536);
+    let sink = AuditSink::start(
+        Output::parse_rotating(&args.audit_log, args.audit_max_bytes, args.audit_keep)?,
+        65_536,
+    );
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = args.metrics {
         tokio::spawn(tollgate_proxy::metrics::serve(

@@ -21,6 +21,14 @@ use tollgate_policy::model::Direction;
 pub enum Output {
     Stdout,
     File(std::path::PathBuf),
+    /// A file rotated by size: when the next record would take it past `max_bytes`, `path`
+    /// becomes `path.1` (`path.1` becomes `path.2`, …, keeping `keep` old files) and a new
+    /// `path` is started. A record is never split across files.
+    Rotating {
+        path: std::path::PathBuf,
+        max_bytes: u64,
+        keep: usize,
+    },
 }
 
 impl Output {
@@ -28,6 +36,18 @@ impl Output {
         Ok(match s {
             "-" | "stdout" => Output::Stdout,
             path => Output::File(path.into()),
+        })
+    }
+
+    /// A file output rotated at `max_bytes` (0: never) keeping `keep` old files.
+    pub fn parse_rotating(s: &str, max_bytes: u64, keep: usize) -> anyhow::Result<Output> {
+        Ok(match Output::parse(s)? {
+            Output::File(path) if max_bytes > 0 => Output::Rotating {
+                path,
+                max_bytes,
+                keep,
+            },
+            o => o,
         })
     }
 }
@@ -225,29 +245,96 @@ impl AuditSink {
     }
 }
 
+/// The writer's end of an [`Output`]: whole lines, rotation between them.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    /// Bytes in the current file, and the rotation settings (`path`, `max_bytes`, `keep`).
+    size: u64,
+    rotate: Option<(std::path::PathBuf, u64, usize)>,
+}
+
+fn open_append(p: &std::path::Path) -> Box<dyn Write + Send> {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+    {
+        Ok(f) => Box::new(std::io::BufWriter::new(f)),
+        Err(e) => {
+            eprintln!(
+                "tollgate proxy: cannot open audit log {}: {e}; writing to stderr",
+                p.display()
+            );
+            Box::new(std::io::stderr())
+        }
+    }
+}
+
+impl Sink {
+    fn open(output: &Output) -> Sink {
+        match output {
+            Output::Stdout => Sink {
+                out: Box::new(std::io::stdout()),
+                size: 0,
+                rotate: None,
+            },
+            Output::File(p) => Sink {
+                out: open_append(p),
+                size: 0,
+                rotate: None,
+            },
+            Output::Rotating {
+                path,
+                max_bytes,
+                keep,
+            } => Sink {
+                out: open_append(path),
+                size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                rotate: Some((path.clone(), (*max_bytes).max(1), *keep)),
+            },
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        let len = line.len() as u64 + 1;
+        if let Some((path, max, keep)) = &self.rotate
+            && self.size > 0
+            && self.size + len > *max
+        {
+            let _ = self.out.flush();
+            let name = |i: usize| {
+                let mut s = path.as_os_str().to_owned();
+                s.push(format!(".{i}"));
+                std::path::PathBuf::from(s)
+            };
+            let _ = std::fs::remove_file(name(*keep));
+            for i in (1..*keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            if *keep > 0 {
+                let _ = std::fs::rename(path, name(1));
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
+            self.out = open_append(path);
+            self.size = 0;
+        }
+        let _ = writeln!(self.out, "{line}");
+        self.size += len;
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+}
+
 async fn writer(
     output: Output,
     mut rx: mpsc::Receiver<Record>,
     shed: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
 ) {
-    let mut out: Box<dyn Write + Send> = match &output {
-        Output::Stdout => Box::new(std::io::stdout()),
-        Output::File(p) => match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
-            Ok(f) => Box::new(std::io::BufWriter::new(f)),
-            Err(e) => {
-                eprintln!(
-                    "tollgate proxy: cannot open audit log {}: {e}; writing to stderr",
-                    p.display()
-                );
-                Box::new(std::io::stderr())
-            }
-        },
-    };
+    let mut out = Sink::open(&output);
     let mut reported = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -255,17 +342,17 @@ async fn writer(
             r = rx.recv() => match r {
                 Some(rec) => {
                     if let Ok(line) = serde_json::to_string(&rec) {
-                        let _ = writeln!(out, "{line}");
+                        out.line(&line);
                         written.fetch_add(1, Ordering::Relaxed);
                     }
                     // Drain what is queued before flushing.
                     while let Ok(rec) = rx.try_recv() {
                         if let Ok(line) = serde_json::to_string(&rec) {
-                            let _ = writeln!(out, "{line}");
+                            out.line(&line);
                             written.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    let _ = out.flush();
+                    out.flush();
                 }
                 None => break,
             },
@@ -276,8 +363,8 @@ async fn writer(
                         "schema": SCHEMA, "time": now_rfc3339(), "type": "records_lost",
                         "count": lost, "since_last": lost - reported,
                     });
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
+                    out.line(&line.to_string());
+                    out.flush();
                     reported = lost;
                 }
             }
@@ -352,5 +439,47 @@ mod tests {
         assert_eq!(lost.len(), 1, "{text}");
         assert_eq!(lost[0]["count"], SENT - 8);
         assert_eq!(text.lines().count() as u64, 8 + 1);
+    }
+
+    #[tokio::test]
+    async fn the_file_rotates_by_size_between_records_keeping_n_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let one = serde_json::to_string(&record(1)).unwrap().len() as u64 + 1;
+        let sink = AuditSink::start(
+            Output::Rotating {
+                path: path.clone(),
+                max_bytes: one * 3,
+                keep: 2,
+            },
+            1024,
+        );
+        for i in 0..10 {
+            sink.record(record(i));
+        }
+        for _ in 0..200 {
+            if sink.written() == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sink.written(), 10);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let lines = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["source"]["identity"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        // 10 records of equal size, 3 per file: 9 rotated out, the oldest files dropped.
+        assert_eq!(lines(&path), vec![9]);
+        assert_eq!(lines(&dir.path().join("audit.jsonl.1")), vec![6, 7, 8]);
+        assert_eq!(lines(&dir.path().join("audit.jsonl.2")), vec![3, 4, 5]);
+        assert!(!dir.path().join("audit.jsonl.3").exists());
     }
 }

@@ -59,6 +59,12 @@ pub struct ProxyArgs {
     /// Audit log: a file path, or `-` for stdout.
     #[arg(long, default_value = "-")]
     pub audit_log: String,
+    /// Rotate the audit log file when it would grow past this many bytes (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit log files kept (`FILE.1` … `FILE.N`).
+    #[arg(long, default_value_t = 5)]
+    pub audit_keep: usize,
     /// Records held in memory when the audit sink falls behind; beyond that they are shed
     /// (and counted).
     #[arg(long, default_value_t = 65536)]
@@ -142,7 +148,10 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     for d in &state.diagnostics {
         tracing::warn!("{d} (this rule was not loaded)");
     }
-    let sink = audit::AuditSink::start(audit::Output::parse(&args.audit_log)?, args.audit_queue);
+    let sink = audit::AuditSink::start(
+        audit::Output::parse_rotating(&args.audit_log, args.audit_max_bytes, args.audit_keep)?,
+        args.audit_queue,
+    );
     let metrics = Arc::new(metrics::Metrics::new());
     let mut tasks = Vec::new();
     tokio::spawn(fqdn.clone().run_expiry());
