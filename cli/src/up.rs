@@ -235,6 +235,7 @@ async fn serve(args: UpArgs) -> Result<()> {
         65_536,
     );
     let metrics = Arc::new(Metrics::new());
+    metrics.set_revision(revision);
     if let Some(addr) = args.metrics {
         tokio::spawn(tollgate_proxy::metrics::serve(
             addr,
@@ -292,6 +293,7 @@ async fn serve(args: UpArgs) -> Result<()> {
         };
         handle.store(state);
         revision += 1;
+        metrics.set_revision(revision);
         eprintln!(
             "tollgate up: revision {revision} applied in {:.1} ms ({} policy entries written, {} \
              removed; {} ipcache written, {} removed; {} endpoints written, {} removed)",

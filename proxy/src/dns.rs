@@ -302,6 +302,7 @@ where
 #[derive(Debug)]
 struct InFlight {
     client: SocketAddr,
+    started: Instant,
     query: Vec<u8>,
     q: Query,
     deadline: Instant,
@@ -937,7 +938,9 @@ async fn serve_tcp_client(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         let ctx = ctx.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             if let Some(reply) = ctx.tcp_answer(msg, peer).await {
+                ctx.metrics.observe_duration(PROTOCOL, started.elapsed());
                 let _ = tx.send(reply).await;
             }
             drop(permit);
@@ -1056,6 +1059,7 @@ impl Ctx {
         let mut out = msg.clone();
         let entry = InFlight {
             client: peer,
+            started: Instant::now(),
             query: msg,
             q,
             deadline: Instant::now() + self.opts.upstream_timeout,
@@ -1092,6 +1096,7 @@ impl Ctx {
     /// Sends the reply of a forwarded UDP query and writes its audit record, if any.
     async fn udp_done(&self, e: InFlight, reply: Vec<u8>) {
         self.finish_audit(&e, &reply);
+        self.metrics.observe_duration(PROTOCOL, e.started.elapsed());
         if self.udp.send_to(&reply, e.client).await.is_err() {
             self.metrics.event(PROTOCOL, "udp_send_error");
         }

@@ -365,7 +365,12 @@ async fn handle_connection(
     });
     let svc = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle_request(conn, req).await) }
+        async move {
+            let started = std::time::Instant::now();
+            let resp = handle_request(conn.clone(), req).await;
+            conn.l.metrics.observe_duration("http", started.elapsed());
+            Ok::<_, Infallible>(resp)
+        }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(stream), svc)

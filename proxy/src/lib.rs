@@ -153,6 +153,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         args.audit_queue,
     );
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.set_revision(state.revision);
     let mut tasks = Vec::new();
     tokio::spawn(fqdn.clone().run_expiry());
     if let Some(addr) = args.metrics {

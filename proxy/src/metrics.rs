@@ -6,6 +6,8 @@
 //!   rules, further ones are counted under `policy="_other", rule="_other"`;
 //! - `tollgate_proxy_events_total{protocol, event}`: what is not a decision but must not pass
 //!   silently (DNS upstream timeouts, malformed queries, shed load, truncated answers);
+//! - `tollgate_request_duration_seconds{protocol}`: arrival-to-answer latency histogram;
+//! - `tollgate_policy_revision`: the revision in force;
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
 //!   record is never silent).
 
@@ -17,6 +19,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tollgate_policy::eval::{Decision, Verdict};
 
@@ -28,6 +31,16 @@ pub const MAX_RULE_SERIES: usize = 1024;
 struct RequestLabels {
     verdict: &'static str,
     protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 µs … ~1.6 s, doubling.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +62,8 @@ pub struct Metrics {
     rule_hits: Family<RuleLabels, Counter>,
     rules_seen: Mutex<HashSet<(String, String)>>,
     events: Family<EventLabels, Counter>,
+    durations: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
+    revision: Gauge,
     written: Gauge,
     shed: Gauge,
 }
@@ -65,6 +80,11 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let rule_hits = Family::<RuleLabels, Counter>::default();
         let events = Family::<EventLabels, Counter>::default();
+        let durations =
+            Family::<ProtocolLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        let revision = Gauge::default();
         let written = Gauge::default();
         let shed = Gauge::default();
         registry.register(
@@ -84,6 +104,16 @@ impl Metrics {
             events.clone(),
         );
         registry.register(
+            "tollgate_request_duration_seconds",
+            "Time from a request (or DNS query) arriving to its answer leaving, by protocol",
+            durations.clone(),
+        );
+        registry.register(
+            "tollgate_policy_revision",
+            "Revision of the policy in force",
+            revision.clone(),
+        );
+        registry.register(
             "tollgate_audit_records_written",
             "Audit records written by the sink",
             written.clone(),
@@ -99,6 +129,8 @@ impl Metrics {
             rule_hits,
             rules_seen: Mutex::new(HashSet::new()),
             events,
+            durations,
+            revision,
             written,
             shed,
         }
@@ -131,6 +163,19 @@ impl Metrics {
                 rule: key.1,
             })
             .inc();
+    }
+
+    /// One request's time from arrival to answer.
+    pub fn observe_duration(&self, protocol: &'static str, d: std::time::Duration) {
+        self.durations
+            .get_or_create(&ProtocolLabels { protocol })
+            .observe(d.as_secs_f64());
+    }
+
+    /// The revision of the policy now in force.
+    pub fn set_revision(&self, revision: u64) {
+        self.revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
     }
 
     /// Count one protocol event (`protocol`, `event` are fixed names: bounded cardinality).

@@ -525,6 +525,13 @@ async fn metrics_count_verdicts_and_rule_hits_on_the_metrics_endpoint() {
     );
     assert!(text.contains("tollgate_audit_records_written 1"), "{text}");
     assert!(text.contains("tollgate_audit_records_shed 0"), "{text}");
+    // Every judged request's latency is in the histogram.
+    let count = text
+        .lines()
+        .find(|l| l.starts_with("tollgate_request_duration_seconds_count{protocol=\"http\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(count.is_some_and(|c| c >= 2), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
