@@ -7,6 +7,7 @@
 #[path = "../../redirector-ebpf/loader/tests/harness/mod.rs"]
 mod harness;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -409,4 +410,138 @@ spec:
     );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("1 learned IP(s)"), "{logged}");
+}
+
+fn start_up(t: &Topology, policies: &Path, inventory: &Path, log: &Path) -> Reaped {
+    Reaped(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node))
+            .args([env!("CARGO_BIN_EXE_tollgate"), "up"])
+            .arg("--policies")
+            .arg(policies)
+            .arg("--endpoints")
+            .arg(inventory)
+            .arg("--pin-root")
+            .arg(&t.pin_root)
+            .args(["--audit-log", "-"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_restart_keeps_enforcing_fails_closed_for_l7_and_keeps_established_connections() {
+    use std::io::{Read, Write};
+    if !require_root(
+        "a_restart_keeps_enforcing_fails_closed_for_l7_and_keeps_established_connections",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    harness::spawn_echo_server(&t.server.netns, 7000);
+    harness::spawn_echo_server(&t.server.netns, 7001);
+    let not_allowed = SocketAddr::new(t.server.v4.into(), 7001);
+    assert!(harness::tcp_ok(&t.client.netns, not_allowed), "open before");
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("allowed.txt"), "public\n").unwrap();
+    let server = t.server.v4.to_string();
+    let _http = Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.server.netns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+            ])
+            .args(["--bind", &server, "--directory"])
+            .arg(www.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{server}:8080/allowed.txt");
+    until(200, || curl(&t.client.netns, &url));
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("client.yaml"),
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: "7000", protocol: TCP}]
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /allowed.txt}]
+"#,
+    )
+    .unwrap();
+    let inventory = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "endpoints:\n  - {{name: client, namespace: prod, labels: {{app: client}}, ips: [{}], interface: {}}}\n  - {{name: server, namespace: prod, labels: {{app: server}}, ips: [{}], interface: {}}}\n",
+            t.client.v4, t.client.host_if, t.server.v4, t.server.host_if
+        ),
+    )
+    .unwrap();
+    let log1 = dir.path().join("up1.log");
+    let up = start_up(&t, &policies, &inventory, &log1);
+    wait_for_log(&log1, "revision 1:");
+    assert_eq!(curl(&t.client.netns, &url), 200);
+    let echo_at = SocketAddr::new(t.server.v4.into(), 7000);
+    let mut live = harness::in_netns(&t.client.netns, || {
+        std::net::TcpStream::connect_timeout(&echo_at, Duration::from_secs(2)).unwrap()
+    });
+    live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let echo = |s: &mut std::net::TcpStream, m: &[u8]| {
+        s.write_all(m).unwrap();
+        let mut b = vec![0u8; m.len()];
+        s.read_exact(&mut b).map(|_| b).ok()
+    };
+    assert_eq!(echo(&mut live, b"one").as_deref(), Some(&b"one"[..]));
+
+    // The agent and proxy go away; the kernel programs and maps stay pinned.
+    drop(up);
+    assert_eq!(
+        echo(&mut live, b"two").as_deref(),
+        Some(&b"two"[..]),
+        "an established L4 flow outlives the agent"
+    );
+    assert!(
+        harness::tcp_ok(&t.client.netns, echo_at),
+        "new L4 flows are still judged and allowed by the kernel"
+    );
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        0,
+        "a flow that needs the proxy is dropped while it is away, never passed"
+    );
+    assert!(
+        !harness::tcp_ok(&t.client.netns, not_allowed),
+        "still default-deny for what the policy does not allow"
+    );
+
+    let log2 = dir.path().join("up2.log");
+    let _up = start_up(&t, &policies, &inventory, &log2);
+    wait_for_log(&log2, "revision 1:");
+    assert_eq!(curl(&t.client.netns, &url), 200, "L7 resumes");
+    assert_eq!(
+        echo(&mut live, b"three").as_deref(),
+        Some(&b"three"[..]),
+        "the flow established before the restart is untouched"
+    );
 }
