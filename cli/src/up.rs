@@ -8,9 +8,9 @@
 //! why); a good one is written to the kernel as a diff and swapped into the proxy atomically.
 //! Each applied change is logged with its revision and how long it took.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use std::sync::Mutex;
@@ -24,6 +24,7 @@ use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
 use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig, FqdnUpdate};
 use tollgate_proxy::metrics::Metrics;
+use tollgate_proxy::state::fingerprint;
 use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -59,28 +60,6 @@ pub struct UpArgs {
     /// How often the files are checked for changes (milliseconds).
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
-}
-
-/// Size and modification time of every watched file, to notice changes.
-fn fingerprint(args: &UpArgs) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
-        if p.is_dir() {
-            if let Ok(rd) = std::fs::read_dir(p) {
-                let mut entries: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-                entries.sort();
-                for e in entries {
-                    walk(&e, out);
-                }
-            }
-        } else if let Ok(m) = std::fs::metadata(p) {
-            out.push((p.to_path_buf(), m.len(), m.modified().ok()));
-        }
-    }
-    let mut out = Vec::new();
-    for p in args.policies.iter().chain(std::iter::once(&args.endpoints)) {
-        walk(p, &mut out);
-    }
-    out
 }
 
 /// What the agent keeps between changes: the kernel, what it holds, and the learned IPs.
@@ -148,30 +127,11 @@ impl Agent {
     }
 }
 
-/// Load and compile; policy diagnostics and plan warnings are printed, never dropped.
-///
-/// A problem confined to one ingress/egress item is applied as the policy model says (a bad
-/// allow item is left out, a bad deny item denies everything for its endpoints). A problem that
-/// loses more — a file that does not parse, a policy or rule rejected whole — is refused: its
-/// rules could be the deny rules that keep something closed, so the load fails and the caller
-/// keeps what is in force.
+/// Load for revision `revision` (see [`PolicyState::load_strict`]); item-level diagnostics
+/// are printed, never dropped.
 fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<PolicyState> {
-    let mut state = PolicyState::load(&args.policies, &args.endpoints)?;
+    let mut state = PolicyState::load_strict(&args.policies, &args.endpoints)?;
     state.revision = revision;
-    let item_level = |path: &str| ["gress[", "gressDeny["].iter().any(|k| path.contains(k));
-    let blocking: Vec<String> = state
-        .diagnostics
-        .iter()
-        .filter(|d| !item_level(&d.path))
-        .map(|d| d.to_string())
-        .collect();
-    if !blocking.is_empty() {
-        anyhow::bail!(
-            "{} problem(s) that would drop whole files or rules:\n  {}",
-            blocking.len(),
-            blocking.join("\n  ")
-        );
-    }
     for d in &state.diagnostics {
         eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
     }
@@ -190,7 +150,7 @@ async fn serve(args: UpArgs) -> Result<()> {
     let fqdn = Arc::new(FqdnCache::new(FqdnConfig::default()));
     tokio::spawn(fqdn.clone().run_expiry());
     let mut revision = 1;
-    let mut seen = fingerprint(&args);
+    let mut seen = fingerprint(&args.policies, &args.endpoints);
     let state = Arc::new(load(&args, revision, &fqdn)?);
     let ports = ProxyPorts {
         l7: args.l7_port,
@@ -272,7 +232,7 @@ async fn serve(args: UpArgs) -> Result<()> {
 
     loop {
         tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
-        let now = fingerprint(&args);
+        let now = fingerprint(&args.policies, &args.endpoints);
         if now == seen {
             continue;
         }

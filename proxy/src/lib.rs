@@ -98,6 +98,10 @@ pub struct ProxyArgs {
     /// Lowest TTL (seconds) a learned FQDN → IP mapping gets.
     #[arg(long, default_value_t = 0)]
     pub fqdn_min_ttl: u64,
+    /// Reload the policy files and the inventory when they change, checking every this many
+    /// milliseconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub watch_ms: u64,
     /// Most IPs kept per learned name (the least recently refreshed go first).
     #[arg(long, default_value_t = 1000)]
     pub fqdn_max_ips: usize,
@@ -148,6 +152,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     for d in &state.diagnostics {
         tracing::warn!("{d} (this rule was not loaded)");
     }
+    let handle = PolicyHandle::new(state.clone());
     let sink = audit::AuditSink::start(
         audit::Output::parse_rotating(&args.audit_log, args.audit_max_bytes, args.audit_keep)?,
         args.audit_queue,
@@ -176,7 +181,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             *addr,
             dest,
             upstream,
-            state.clone(),
+            handle.clone(),
             sink.clone(),
             metrics.clone(),
             dns_opts.clone(),
@@ -199,7 +204,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             *addr,
             name,
             upstream,
-            state.clone(),
+            handle.clone(),
             sink.clone(),
             &args.deny_body,
         )
@@ -210,14 +215,56 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     }
     for addr in &args.transparent {
         let listener =
-            Listener::bind_transparent(*addr, state.clone(), sink.clone(), &args.deny_body)
+            Listener::bind_transparent(*addr, handle.clone(), sink.clone(), &args.deny_body)
                 .await?
                 .with_metrics(metrics.clone());
         eprintln!("tollgate proxy: transparent listener on {addr}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }
+    if args.watch_ms > 0 {
+        tokio::spawn(watch(args.clone(), handle, metrics.clone()));
+    }
     for t in tasks {
         t.await??;
     }
     Ok(())
+}
+
+/// Reload the policy files and the inventory when they change (polling every `--watch-ms`)
+/// and swap the new policy in; a reload that would drop whole files or rules keeps the one in
+/// force ([`PolicyState::load_strict`]). Each swap is logged with how long loading took.
+async fn watch(args: ProxyArgs, handle: PolicyHandle, metrics: Arc<metrics::Metrics>) {
+    let mut seen = state::fingerprint(&args.policies, &args.endpoints);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(args.watch_ms)).await;
+        let now = state::fingerprint(&args.policies, &args.endpoints);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let current = handle.load();
+        let started = std::time::Instant::now();
+        let (policies, endpoints) = (args.policies.clone(), args.endpoints.clone());
+        // Loading is CPU work: keep it off the threads that answer requests.
+        let loaded =
+            tokio::task::spawn_blocking(move || PolicyState::load_strict(&policies, &endpoints))
+                .await;
+        match loaded {
+            Ok(Ok(mut next)) => {
+                next.revision = current.revision + 1;
+                let revision = next.revision;
+                handle.store(Arc::new(next.with_fqdn(current.fqdn.clone())));
+                metrics.set_revision(revision);
+                eprintln!(
+                    "tollgate proxy: revision {revision} in force, loaded in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            Ok(Err(e)) => eprintln!(
+                "tollgate proxy: keeping revision {}: {e:#}",
+                current.revision
+            ),
+            Err(e) => eprintln!("tollgate proxy: reload failed: {e}"),
+        }
+    }
 }

@@ -86,7 +86,56 @@ fn yaml_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Size and modification time of every policy and inventory file, to notice changes.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+/// The [`Fingerprint`] of `policies` (files or directories) and `endpoints`.
+pub fn fingerprint(policies: &[PathBuf], endpoints: &Path) -> Fingerprint {
+    fn walk(p: &Path, out: &mut Fingerprint) {
+        if p.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                let mut entries: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                entries.sort();
+                for e in entries {
+                    walk(&e, out);
+                }
+            }
+        } else if let Ok(m) = std::fs::metadata(p) {
+            out.push((p.to_path_buf(), m.len(), m.modified().ok()));
+        }
+    }
+    let mut out = Vec::new();
+    for p in policies.iter().map(PathBuf::as_path).chain([endpoints]) {
+        walk(p, &mut out);
+    }
+    out
+}
+
 impl PolicyState {
+    /// [`PolicyState::load`] for a *reload*: a problem confined to one ingress/egress item is
+    /// applied as the policy model says (a bad allow item is left out, a bad deny item denies
+    /// everything for its endpoints), but a problem that loses more — a file that does not
+    /// parse, a policy or rule rejected whole — fails the load, because the rules lost could be
+    /// the deny rules that keep something closed. The caller keeps what is in force.
+    pub fn load_strict(policies: &[PathBuf], endpoints: &Path) -> Result<PolicyState> {
+        let state = PolicyState::load(policies, endpoints)?;
+        let item_level = |path: &str| ["gress[", "gressDeny["].iter().any(|k| path.contains(k));
+        let blocking: Vec<String> = state
+            .diagnostics
+            .iter()
+            .filter(|d| !item_level(&d.path))
+            .map(|d| d.to_string())
+            .collect();
+        if !blocking.is_empty() {
+            anyhow::bail!(
+                "{} problem(s) that would drop whole files or rules:\n  {}",
+                blocking.len(),
+                blocking.join("\n  ")
+            );
+        }
+        Ok(state)
+    }
+
     pub fn load(policies: &[PathBuf], endpoints: &Path) -> Result<PolicyState> {
         let mut set = PolicySet::default();
         let mut files = Vec::new();
