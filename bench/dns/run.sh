@@ -60,7 +60,8 @@ bash "$PEERS/peer.sh" start unbound >/dev/null
 UNBOUND=$(pid_of unbound)
 taskset -c "$CPU_SUT" "$BIN" proxy --policies "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
   --dns-listen "127.0.0.1:$PROXY_PORT" --dns-to "kube-dns@127.0.0.1:$PORT_UNBOUND" \
-  --metrics "127.0.0.1:$METRICS_PORT" --audit-log "$WORK/audit.jsonl" 2>"$WORK/proxy.log" &
+  --metrics "127.0.0.1:$METRICS_PORT" --audit-log "$WORK/audit.jsonl" --watch-ms 100 \
+  2>"$WORK/proxy.log" &
 PPID_TG=$!
 for _ in $(seq 50); do dig +short +tries=1 +time=1 @127.0.0.1 -p "$PROXY_PORT" h0001.bench.test | grep -q 127.1 && break; sleep 0.1; done
 [ "$(dig +short @127.0.0.1 -p $PROXY_PORT h0001.bench.test)" = 127.1.0.1 ] || { cat "$WORK/proxy.log"; echo "proxy probe failed" >&2; exit 1; }
@@ -100,6 +101,32 @@ for r in $(seq "$ROUNDS"); do
   pin_proxied; TR+=("$(run_rate "$PROXY_PORT")")
   echo "round $r: max direct [${D[-1]}] tollgate [${T[-1]}]; at $RATE qps direct [${DR[-1]}] tollgate [${TR[-1]}]" >&2
 done
+# Policy change under load: while dnsperf sends $RATE qps through the proxy, the policy file
+# is replaced by one with 10,000 matchNames more; the proxy reloads it and swaps it in.
+{
+  sed '/matchPattern: "\*\.bench\.test"/d' "$WORK/policy.yaml"
+  for i in $(seq 1 10000); do echo "        - {matchName: \"host$i.svc$((i % 97)).example.com\"}"; done
+  echo '        - {matchPattern: "*.bench.test"}'
+} > "$WORK/policy-10k.yaml"
+taskset -c 0 dnsperf -v -s 127.0.0.1 -p "$PROXY_PORT" -d "$CONF/dnsperf-queries.txt" -l 6 -t 2 -c 8 -T 1 -q 200 -Q "$RATE" >"$WORK/change.out" 2>&1 &
+DP=$!
+sleep 2
+cp "$WORK/policy-10k.yaml" "$WORK/policy.yaml.new" && mv "$WORK/policy.yaml.new" "$WORK/policy.yaml"
+wait $DP
+CHANGE=$(grep -o 'revision 2 in force, loaded in [0-9.]* ms' "$WORK/proxy.log" || echo "no reload seen")
+CHANGE_STATS=$(python3 - "$WORK/change.out" <<'PY'
+import sys, re
+lat, lost = [], "?"
+for line in open(sys.argv[1]):
+    m = re.match(r"> \S+ .* ([0-9.]+)$", line)
+    if m: lat.append(float(m.group(1)) * 1000)
+    if "Queries lost" in line: lost = line.split()[2]
+lat.sort()
+p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+print(f"{len(lat)} answered, {lost} lost, p50 {p(0.5):.3f} ms, p99 {p(0.99):.3f} ms, max {lat[-1] if lat else float('nan'):.3f} ms")
+PY
+)
+
 EVENTS=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^tollgate_(proxy_events|requests)_total' || true)
 
 python3 - "$DUR" "$ROUNDS" "$RATE" "${D[@]}" "${T[@]}" "${DR[@]}" "${TR[@]}" <<'PY'
@@ -119,6 +146,10 @@ print(f"| p50 at {rate} qps (ms) | {med(dr,1):.3f} | {med(tr,1):.3f} | +{med(tr,
 print(f"| p99 at {rate} qps (ms) | {med(dr,2):.3f} | {med(tr,2):.3f} | +{med(tr,2)-med(dr,2):.3f} |")
 print(f"| queries lost at {rate} qps | {lost(dr)} | {lost(tr)} | |")
 PY
+echo
+echo "policy change under load (10,000 matchNames added while dnsperf sends $RATE qps for 6 s):"
+echo "  proxy: $CHANGE"
+echo "  dnsperf over the 6 s: $CHANGE_STATS"
 echo
 echo "policy: 1,000 matchPattern rules (the matching one last); proxy counters after the run:"
 echo "$EVENTS"
