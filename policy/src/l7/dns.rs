@@ -176,7 +176,7 @@ impl DnsRuleSet {
         let patterns = if sources.is_empty() {
             None
         } else {
-            regex_automata::meta::Regex::new_many(&sources).ok()
+            cached_automaton(&sources)
         };
         DnsRuleSet {
             len: rules.len(),
@@ -212,6 +212,27 @@ impl DnsRuleSet {
         }
         best
     }
+}
+
+/// Automata shared between rule sets with the same patterns — across policy reloads too, so a
+/// change that adds names does not recompile a thousand unchanged patterns. A clone shares the
+/// compiled automaton. Bounded: cleared when it grows past 1,024 entries.
+fn cached_automaton(sources: &[String]) -> Option<regex_automata::meta::Regex> {
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<Vec<String>, regex_automata::meta::Regex>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(re) = cache.lock().ok().and_then(|c| c.get(sources).cloned()) {
+        return Some(re);
+    }
+    let re = regex_automata::meta::Regex::new_many(sources).ok()?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 1024 {
+            c.clear();
+        }
+        c.insert(sources.to_vec(), re.clone());
+    }
+    Some(re)
 }
 
 /// A `toFQDNs` selector (same syntax as DNS rules).
