@@ -1,6 +1,7 @@
 //! `tollgate`: the one binary — policy tools today (`lint`, `eval`, `test`), the proxy, agent
 //! and datapath as their issues land.
 
+mod crd_cmd;
 mod datapath_cmd;
 mod eval_cmd;
 mod files;
@@ -52,6 +53,8 @@ enum Command {
     /// Datapath + agent + proxy on this host from a policy directory and an endpoints
     /// inventory; reloads on file changes.
     Up(Box<up::UpArgs>),
+    /// Print the TollgatePolicy CustomResourceDefinition (generated from the Rust types).
+    Crd,
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
         Command::Fqdn(cmd) => fqdn_cmd::run(cmd),
+        Command::Crd => crd_cmd::run(),
         Command::Proxy(args) => run_proxy(args),
         Command::Up(args) => {
             init_tracing();

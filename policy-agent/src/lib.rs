@@ -6,4 +6,5 @@
 //! allocation across nodes and the rule-set stream to the proxy are the rest of issue 7.
 
 pub mod apply;
+pub mod crd;
 pub mod plan;

@@ -19,6 +19,7 @@ use serde_json::Value;
 /// `metadata` of any document: only what policy needs; other keys are allowed (labels,
 /// annotations, uid, resourceVersion… as `kubectl get -o yaml` prints them).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Metadata {
     pub name: Option<String>,
     pub namespace: Option<String>,
@@ -30,6 +31,7 @@ pub struct Metadata {
 
 /// A Cilium policy rule (`spec` or one entry of `specs`), with tollgate's extensions.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     pub endpoint_selector: Option<LabelSelector>,
@@ -47,6 +49,7 @@ pub struct Rule {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcement {
     #[default]
@@ -64,6 +67,7 @@ impl Enforcement {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DefaultDenyConfig {
     pub ingress: Option<bool>,
@@ -71,6 +75,7 @@ pub struct DefaultDenyConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub value: Option<String>,
@@ -78,6 +83,7 @@ pub struct LogConfig {
 
 /// Kubernetes `LabelSelector`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LabelSelector {
     pub match_labels: Option<BTreeMap<String, StringLike>>,
@@ -85,6 +91,7 @@ pub struct LabelSelector {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LabelSelectorRequirement {
     pub key: String,
@@ -111,6 +118,36 @@ impl<'de> Deserialize<'de> for StringLike {
     }
 }
 
+/// Kubernetes' int-or-string.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for StringLike {
+    fn schema_name() -> String {
+        "StringLike".to_string()
+    }
+
+    fn json_schema(_: &mut schemars::r#gen::SchemaGenerator) -> schemars::schema::Schema {
+        use schemars::schema::{InstanceType, Schema, SchemaObject, SubschemaValidation};
+        let of = |t: InstanceType| {
+            Schema::Object(SchemaObject {
+                instance_type: Some(t.into()),
+                ..Default::default()
+            })
+        };
+        let mut o = SchemaObject {
+            subschemas: Some(Box::new(SubschemaValidation {
+                any_of: Some(vec![of(InstanceType::Integer), of(InstanceType::String)]),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        o.extensions.insert(
+            "x-kubernetes-int-or-string".to_string(),
+            serde_json::Value::Bool(true),
+        );
+        Schema::Object(o)
+    }
+}
+
 pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -124,6 +161,7 @@ pub(crate) fn json_kind(v: &Value) -> &'static str {
 
 /// One item of `ingress` or `ingressDeny`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IngressRule {
     pub from_endpoints: Option<Vec<LabelSelector>>,
@@ -143,6 +181,7 @@ pub struct IngressRule {
 
 /// One item of `egress` or `egressDeny`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressRule {
     pub to_endpoints: Option<Vec<LabelSelector>>,
@@ -163,6 +202,7 @@ pub struct EgressRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CidrRule {
     pub cidr: Option<String>,
@@ -172,6 +212,7 @@ pub struct CidrRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FqdnSelector {
     pub match_name: Option<String>,
@@ -180,6 +221,7 @@ pub struct FqdnSelector {
 
 /// One item of `toPorts`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortRule {
     pub ports: Option<Vec<PortProtocol>>,
@@ -193,6 +235,7 @@ pub struct PortRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortProtocol {
     pub port: Option<StringLike>,
@@ -202,6 +245,7 @@ pub struct PortProtocol {
 
 /// `rules:` of a port rule. Exactly one L7 type may be non-empty.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct L7Rules {
     pub http: Option<Vec<HttpRule>>,
@@ -215,6 +259,7 @@ pub struct L7Rules {
 
 /// An L7 rule's action (TollgatePolicy extension; Cilium rules are always `allow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     #[default]
@@ -223,6 +268,7 @@ pub enum RuleAction {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRule {
     pub method: Option<String>,
@@ -234,6 +280,7 @@ pub struct HttpRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderMatch {
     pub name: String,
@@ -247,6 +294,7 @@ pub struct HeaderMatch {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MismatchAction {
     Log,
@@ -256,6 +304,7 @@ pub enum MismatchAction {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GrpcRule {
     pub service: Option<String>,
@@ -264,6 +313,7 @@ pub struct GrpcRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KafkaRule {
     pub role: Option<String>,
@@ -282,6 +332,7 @@ pub struct KafkaRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DnsRule {
     pub match_name: Option<String>,
@@ -291,6 +342,7 @@ pub struct DnsRule {
 // ---- Kubernetes NetworkPolicy ----
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
     pub pod_selector: Option<LabelSelector>,
@@ -300,6 +352,7 @@ pub struct NetworkPolicySpec {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicyIngressRule {
     pub from: Option<Vec<NetworkPolicyPeer>>,
@@ -307,6 +360,7 @@ pub struct NetworkPolicyIngressRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicyEgressRule {
     pub to: Option<Vec<NetworkPolicyPeer>>,
@@ -314,6 +368,7 @@ pub struct NetworkPolicyEgressRule {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicyPeer {
     pub pod_selector: Option<LabelSelector>,
@@ -322,6 +377,7 @@ pub struct NetworkPolicyPeer {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IpBlock {
     pub cidr: String,
@@ -329,6 +385,7 @@ pub struct IpBlock {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkPolicyPort {
     pub protocol: Option<String>,

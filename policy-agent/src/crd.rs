@@ -1,0 +1,231 @@
+//! The CustomResourceDefinition of `TollgatePolicy`, generated from the Rust types the loader
+//! deserializes (`tollgate_policy::api::Rule`), so the schema the API server enforces and the
+//! one tollgate parses cannot drift: `tollgate crd` prints it, `deploy/crds/` holds it, and a
+//! test fails when the two differ.
+//!
+//! The JSON schema (schemars, OpenAPI 3 flavour, everything inlined) is made *structural* as
+//! Kubernetes requires: no `$ref`/`definitions`, no `additionalProperties: false` (unknown
+//! fields are pruned by the API server, and tollgate itself rejects them with a precise error),
+//! free-form values marked `x-kubernetes-preserve-unknown-fields`, int-or-string marked as such.
+
+use schemars::r#gen::SchemaSettings;
+use serde_json::{Map, Value, json};
+use tollgate_policy::api::Rule;
+
+/// The `openAPIV3Schema` of one rule (`spec`, or an entry of `specs`).
+pub fn rule_schema() -> Value {
+    let settings = SchemaSettings::openapi3().with(|s| {
+        s.inline_subschemas = true;
+        s.option_nullable = false;
+        s.option_add_null_type = false;
+    });
+    let root = settings.into_generator().into_root_schema_for::<Rule>();
+    let mut v = serde_json::to_value(root.schema).unwrap_or(Value::Null);
+    structural(&mut v);
+    v
+}
+
+/// Rewrites a schemars schema into a Kubernetes structural schema (see the module docs). `v`
+/// is in a schema position: only its sub-schemas (properties, items, additionalProperties,
+/// anyOf/oneOf/allOf) are visited, never keyword values such as `enum` or extensions.
+fn structural(v: &mut Value) {
+    if matches!(v, Value::Bool(true)) {
+        *v = json!({"x-kubernetes-preserve-unknown-fields": true});
+        return;
+    }
+    let Value::Object(o) = v else { return };
+    o.remove("$schema");
+    o.remove("definitions");
+    o.remove("title");
+    if o.get("additionalProperties") == Some(&Value::Bool(false)) {
+        o.remove("additionalProperties");
+    }
+    if o.is_empty() {
+        o.insert(
+            "x-kubernetes-preserve-unknown-fields".into(),
+            Value::Bool(true),
+        );
+        return;
+    }
+    if let Some(Value::Object(props)) = o.get_mut("properties") {
+        props.values_mut().for_each(structural);
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = o.get_mut(key) {
+            structural(child);
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(Value::Array(a)) = o.get_mut(key) {
+            a.iter_mut().for_each(structural);
+        }
+    }
+}
+
+/// Structural-schema violations of `schema` (Kubernetes' rules that matter here), as JSON
+/// pointers with a reason; empty when the schema can be served by the API server.
+pub fn structural_problems(schema: &Value) -> Vec<String> {
+    fn walk(v: &Value, at: &str, out: &mut Vec<String>) {
+        let Value::Object(o) = v else {
+            out.push(format!("{at}: a schema must be an object"));
+            return;
+        };
+        for k in ["$ref", "definitions"] {
+            if o.contains_key(k) {
+                out.push(format!("{at}: `{k}` is not allowed"));
+            }
+        }
+        let special = o.contains_key("x-kubernetes-int-or-string")
+            || o.contains_key("x-kubernetes-preserve-unknown-fields");
+        if !o.contains_key("type") && !special && !o.contains_key("anyOf") {
+            out.push(format!("{at}: no `type`"));
+        }
+        if o.contains_key("properties") && o.contains_key("additionalProperties") {
+            out.push(format!("{at}: `properties` with `additionalProperties`"));
+        }
+        for key in ["properties"] {
+            if let Some(Value::Object(props)) = o.get(key) {
+                for (name, p) in props {
+                    walk(p, &format!("{at}/{key}/{name}"), out);
+                }
+            }
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(child @ Value::Object(_)) = o.get(key) {
+                walk(child, &format!("{at}/{key}"), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(schema, "", &mut out);
+    out
+}
+
+/// The whole CRD as a JSON value (serialise it as YAML or JSON; both are valid manifests).
+pub fn tollgate_policy_crd() -> Value {
+    let rule = rule_schema();
+    let status = json!({
+        "type": "object",
+        "properties": {
+            "conditions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["type", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "status": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "message": {"type": "string"},
+                        "lastTransitionTime": {"type": "string", "format": "date-time"},
+                        "observedGeneration": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    });
+    let columns = json!([
+        {"name": "Enforcement", "type": "string", "jsonPath": ".spec.enforcement"},
+        {"name": "Valid", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Valid\")].status"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]);
+    let mut spec_props = Map::new();
+    spec_props.insert("spec".into(), rule.clone());
+    spec_props.insert("specs".into(), json!({"type": "array", "items": rule}));
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "tollgatepolicies.tollgate.io",
+            "labels": {"app.kubernetes.io/name": "tollgate"},
+        },
+        "spec": {
+            "group": "tollgate.io",
+            "names": {
+                "kind": "TollgatePolicy",
+                "listKind": "TollgatePolicyList",
+                "plural": "tollgatepolicies",
+                "singular": "tollgatepolicy",
+                "shortNames": ["tgp"],
+                "categories": ["tollgate"],
+            },
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1alpha1",
+                "served": true,
+                "storage": true,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "L7-aware network policy for tollgate: CiliumNetworkPolicy's rule model plus L7 deny rules, audit enforcement, gRPC, header regex/CIDR and Kafka group/transactional-id rules.",
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_props["spec"],
+                        "specs": spec_props["specs"],
+                        "status": status,
+                    },
+                }},
+            }],
+        },
+    })
+}
+
+/// `value` as YAML text.
+pub fn to_yaml(value: &Value) -> String {
+    fn conv(v: &Value) -> yaml_rust2::Yaml {
+        use yaml_rust2::Yaml;
+        match v {
+            Value::Null => Yaml::Null,
+            Value::Bool(b) => Yaml::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                None => Yaml::Real(n.to_string()),
+            },
+            Value::String(s) => Yaml::String(s.clone()),
+            Value::Array(a) => Yaml::Array(a.iter().map(conv).collect()),
+            Value::Object(o) => Yaml::Hash(
+                o.iter()
+                    .map(|(k, v)| (Yaml::String(k.clone()), conv(v)))
+                    .collect(),
+            ),
+        }
+    }
+    let mut out = String::new();
+    let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
+    let _ = emitter.dump(&conv(value));
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_schema_is_structural_and_knows_the_extensions() {
+        let crd = tollgate_policy_crd();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert_eq!(structural_problems(schema), Vec::<String>::new());
+        let rule = &schema["properties"]["spec"]["properties"];
+        assert_eq!(rule["enforcement"]["enum"], json!(["enforce", "audit"]));
+        let http = &rule["ingress"]["items"]["properties"]["toPorts"]["items"]["properties"]["rules"]
+            ["properties"]["http"]["items"]["properties"];
+        assert!(http.get("action").is_some(), "{http}");
+        let port = &rule["ingress"]["items"]["properties"]["toPorts"]["items"]["properties"]["ports"]
+            ["items"]["properties"]["port"];
+        assert_eq!(port["x-kubernetes-int-or-string"], json!(true));
+    }
+
+    #[test]
+    fn structural_check_catches_what_the_api_server_would_refuse() {
+        let bad = json!({"type": "object", "properties": {
+            "a": {"$ref": "#/definitions/x"},
+            "b": {"description": "no type"},
+        }});
+        let problems = structural_problems(&bad);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+}
