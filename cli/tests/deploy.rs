@@ -72,3 +72,161 @@ fn every_tollgate_policy_example_validates_and_wrong_types_do_not() {
         assert!(!v.is_valid(&bad), "{why}: {bad}");
     }
 }
+
+/// Deserialises `doc` into the typed Kubernetes object and back: a misspelt or misplaced field
+/// (which the typed object does not have) makes the round trip differ.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    doc: &serde_json::Value,
+) -> Result<(), String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    if &back == doc {
+        Ok(())
+    } else {
+        Err(format!(
+            "fields lost or changed in the round trip:\n{doc:#}\n{back:#}"
+        ))
+    }
+}
+
+fn check_object(doc: &serde_json::Value) -> Result<(), String> {
+    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, rbac::v1 as rbac};
+    match doc["kind"].as_str().unwrap_or("") {
+        "Namespace" => round_trip::<core::Namespace>(doc),
+        "ServiceAccount" => round_trip::<core::ServiceAccount>(doc),
+        "ConfigMap" => round_trip::<core::ConfigMap>(doc),
+        "Service" => round_trip::<core::Service>(doc),
+        "DaemonSet" => round_trip::<apps::DaemonSet>(doc),
+        "ClusterRole" => round_trip::<rbac::ClusterRole>(doc),
+        "ClusterRoleBinding" => round_trip::<rbac::ClusterRoleBinding>(doc),
+        "CustomResourceDefinition" => round_trip::<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >(doc),
+        other => Err(format!("no schema known for kind `{other}`")),
+    }
+}
+
+#[test]
+fn the_plain_manifests_and_the_crd_are_valid_kubernetes_objects() {
+    let mut kinds = Vec::new();
+    for file in [
+        "deploy/manifests/tollgate.yaml",
+        "deploy/crds/tollgate.io_tollgatepolicies.yaml",
+    ] {
+        let src = std::fs::read_to_string(repo().join(file)).unwrap();
+        for doc in tollgate_policy::yaml::parse_documents(&src).unwrap() {
+            if doc.value.is_null() {
+                continue;
+            }
+            if let Err(e) = check_object(&doc.value) {
+                panic!("{file} line {}: {e}", doc.line);
+            }
+            kinds.push(doc.value["kind"].as_str().unwrap().to_string());
+        }
+    }
+    for want in ["DaemonSet", "ClusterRole", "CustomResourceDefinition"] {
+        assert!(kinds.iter().any(|k| k == want), "{want} missing: {kinds:?}");
+    }
+    // The check itself catches a misplaced field.
+    let typo = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "datas": {}});
+    assert!(check_object(&typo).is_err());
+}
+
+#[test]
+fn the_chart_carries_the_same_crd_and_parses() {
+    let chart = repo().join("deploy/helm/tollgate");
+    assert_eq!(
+        std::fs::read_to_string(chart.join("crds/tollgate.io_tollgatepolicies.yaml")).unwrap(),
+        std::fs::read_to_string(repo().join("deploy/crds/tollgate.io_tollgatepolicies.yaml"))
+            .unwrap(),
+        "copy deploy/crds/tollgate.io_tollgatepolicies.yaml into the chart's crds/"
+    );
+    let meta = tollgate_policy::yaml::parse_documents(
+        &std::fs::read_to_string(chart.join("Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta[0].value["apiVersion"], "v2");
+    assert_eq!(meta[0].value["name"], "tollgate");
+    let values = tollgate_policy::yaml::parse_documents(
+        &std::fs::read_to_string(chart.join("values.yaml")).unwrap(),
+    )
+    .unwrap();
+    // Every `.Values.x.y` the templates use exists in values.yaml.
+    let re = regex::Regex::new(r"\.Values\.([A-Za-z0-9_.]+)").unwrap();
+    for entry in std::fs::read_dir(chart.join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for cap in re.captures_iter(&text) {
+            let mut v = &values[0].value;
+            for key in cap[1].split('.') {
+                v = &v[key];
+            }
+            assert!(
+                !v.is_null(),
+                "{}: .Values.{} is not in values.yaml",
+                path.display(),
+                &cap[1]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_the_binary_the_entrypoint_runs() {
+    let text = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let mut stages = Vec::new();
+    let mut copied_to = Vec::new();
+    let mut entrypoint = None;
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (op, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match op {
+            "FROM" => {
+                if let Some((_, name)) = rest.split_once(" AS ") {
+                    stages.push(name.trim().to_string());
+                }
+            }
+            "COPY" => {
+                let parts: Vec<&str> = rest.split_whitespace().collect();
+                if let Some(from) = parts.iter().find_map(|p| p.strip_prefix("--from=")) {
+                    assert!(
+                        stages.iter().any(|s| s == from),
+                        "COPY --from={from}: no such stage"
+                    );
+                } else {
+                    for src in &parts[..parts.len() - 1] {
+                        assert!(
+                            repo().join(src).exists(),
+                            "COPY {src}: not in the repository"
+                        );
+                    }
+                }
+                copied_to.push(parts[parts.len() - 1].to_string());
+            }
+            "ENTRYPOINT" => entrypoint = Some(rest.to_string()),
+            "RUN" | "WORKDIR" | "CMD" | "ENV" | "USER" | "ARG" | "LABEL" | "EXPOSE" | "&&"
+            | "\\" => {}
+            other if line.starts_with("&&") || line.starts_with("||") => {
+                let _ = other;
+            }
+            other => panic!("unexpected instruction `{other}` in deploy/Dockerfile"),
+        }
+        for script in rest
+            .split_whitespace()
+            .filter(|w| w.starts_with("scripts/"))
+        {
+            assert!(
+                repo().join(script).exists(),
+                "{script} is not in the repository"
+            );
+        }
+    }
+    let entry = entrypoint.expect("an ENTRYPOINT");
+    assert!(
+        copied_to.iter().any(|d| entry.contains(d.as_str())),
+        "ENTRYPOINT {entry} runs nothing that was copied in ({copied_to:?})"
+    );
+}
