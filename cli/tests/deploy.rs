@@ -230,3 +230,39 @@ fn the_dockerfile_builds_the_binary_the_entrypoint_runs() {
         "ENTRYPOINT {entry} runs nothing that was copied in ({copied_to:?})"
     );
 }
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_proxy_registers() {
+    let text =
+        std::fs::read_to_string(repo().join("deploy/grafana/tollgate-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // The names the proxy registers (families without samples are not exported until used,
+    // so the registry calls in the source are the list to check against).
+    let src = std::fs::read_to_string(repo().join("proxy/src/metrics.rs")).unwrap();
+    let registered: Vec<String> = regex::Regex::new(r#"register\(\s*"(tollgate_[a-z_]+)""#)
+        .unwrap()
+        .captures_iter(&src)
+        .map(|c| c[1].to_string())
+        .collect();
+    assert!(registered.len() >= 6, "{registered:?}");
+    let re = regex::Regex::new(r"tollgate_[a-z_]+").unwrap();
+    let mut seen = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for m in re.find_iter(expr) {
+                let base = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .fold(m.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+                assert!(
+                    registered.iter().any(|r| r == base),
+                    "panel {} queries {}, which the proxy does not register ({registered:?})",
+                    panel["title"],
+                    m.as_str()
+                );
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 7);
+}
