@@ -59,6 +59,7 @@ pub struct Listener {
     h2: Client<MarkedConnector, Incoming>,
     /// Mark of every upstream connection ([`crate::upstream`]).
     upstream_mark: Option<u32>,
+    audit_headers: AuditHeaders,
 }
 
 impl Listener {
@@ -155,6 +156,7 @@ impl Listener {
                 .http2_only(true)
                 .build(MarkedConnector::default()),
             upstream_mark: None,
+            audit_headers: AuditHeaders::default(),
         }
     }
 
@@ -171,6 +173,12 @@ impl Listener {
             .http2_only(true)
             .build(connector);
         self.upstream_mark = mark;
+        self
+    }
+
+    /// Which headers audit records show (see [`AuditHeaders`]).
+    pub fn with_audit_headers(mut self, headers: AuditHeaders) -> Listener {
+        self.audit_headers = headers;
         self
     }
 
@@ -402,8 +410,61 @@ async fn read_client_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<
     }
 }
 
-/// Headers whose values an audit record may carry; every other header is left out.
-const LOGGED_HEADERS: &[&str] = &["user-agent", "content-type", "x-request-id", "traceparent"];
+/// Which request headers an audit record shows. A header in `logged` appears with its value; a
+/// header in `redacted` appears as `"[redacted]"` (so a reader sees it was sent, never what it
+/// held); every other header is left out. Names are lowercase.
+#[derive(Debug, Clone)]
+pub struct AuditHeaders {
+    pub logged: Vec<String>,
+    pub redacted: Vec<String>,
+}
+
+impl Default for AuditHeaders {
+    fn default() -> Self {
+        AuditHeaders {
+            logged: ["user-agent", "content-type", "x-request-id", "traceparent"]
+                .map(String::from)
+                .to_vec(),
+            redacted: [
+                "authorization",
+                "proxy-authorization",
+                "cookie",
+                "x-api-key",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl AuditHeaders {
+    /// The defaults plus `log` (values shown) and `redact` (presence only; wins over `log`).
+    pub fn with(log: &[String], redact: &[String]) -> AuditHeaders {
+        let mut h = AuditHeaders::default();
+        let lower = |v: &[String]| v.iter().map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>();
+        h.logged.extend(lower(log));
+        h.redacted.extend(lower(redact));
+        let redacted = h.redacted.clone();
+        h.logged.retain(|n| !redacted.contains(n));
+        h
+    }
+
+    fn fields(&self, headers: &HeaderMap) -> serde_json::Map<String, serde_json::Value> {
+        headers
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.as_str();
+                if self.redacted.iter().any(|r| r == name) {
+                    Some((name.to_string(), "[redacted]".into()))
+                } else if self.logged.iter().any(|l| l == name) {
+                    Some((name.to_string(), v.to_str().ok()?.into()))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+}
 
 fn trace_id(headers: &HeaderMap) -> Option<String> {
     let tp = headers.get("traceparent")?.to_str().ok()?;
@@ -440,12 +501,7 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
         host: host.clone(),
         path: path.to_string(),
         version: version.clone(),
-        headers: req
-            .headers()
-            .iter()
-            .filter(|(k, _)| LOGGED_HEADERS.contains(&k.as_str()))
-            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.into())))
-            .collect(),
+        headers: conn.l.audit_headers.fields(req.headers()),
     };
     let trace = trace_id(req.headers());
     // CONNECT has no path: it is judged on method CONNECT and host = the requested authority.

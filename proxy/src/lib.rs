@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
-pub use forward::{Listener, serve_listener};
+pub use forward::{AuditHeaders, Listener, serve_listener};
 pub use state::{PolicyHandle, PolicyState};
 
 /// `tollgate proxy` arguments.
@@ -59,6 +59,14 @@ pub struct ProxyArgs {
     /// Audit log: a file path, or `-` for stdout.
     #[arg(long, default_value = "-")]
     pub audit_log: String,
+    /// Also show this request header's value in audit records (repeatable). By default only
+    /// user-agent, content-type, x-request-id and traceparent values are shown.
+    #[arg(long = "audit-header")]
+    pub audit_header: Vec<String>,
+    /// Show only the presence of this header, as "[redacted]" (repeatable; added to
+    /// authorization, proxy-authorization, cookie and x-api-key; wins over --audit-header).
+    #[arg(long = "audit-redact")]
+    pub audit_redact: Vec<String>,
     /// Rotate the audit log file when it would grow past this many bytes (0: never).
     #[arg(long, default_value_t = 0)]
     pub audit_max_bytes: u64,
@@ -209,7 +217,8 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             &args.deny_body,
         )
         .await?
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_audit_headers(AuditHeaders::with(&args.audit_header, &args.audit_redact));
         eprintln!("tollgate proxy: {addr} -> {name}@{upstream}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }
@@ -217,7 +226,8 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         let listener =
             Listener::bind_transparent(*addr, handle.clone(), sink.clone(), &args.deny_body)
                 .await?
-                .with_metrics(metrics.clone());
+                .with_metrics(metrics.clone())
+                .with_audit_headers(AuditHeaders::with(&args.audit_header, &args.audit_redact));
         eprintln!("tollgate proxy: transparent listener on {addr}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }

@@ -17,7 +17,7 @@ use common::{free_port, need};
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::load::PolicySet;
 use tollgate_proxy::audit::{AuditSink, Output};
-use tollgate_proxy::{Listener, PolicyState, serve_listener};
+use tollgate_proxy::{AuditHeaders, Listener, PolicyState, serve_listener};
 
 struct Nginx {
     child: Child,
@@ -112,6 +112,16 @@ async fn start_proxy_with_queue(
     origin: u16,
     queue: usize,
 ) -> Proxy {
+    start_proxy_full(extra_policy, dest, origin, queue, AuditHeaders::default()).await
+}
+
+async fn start_proxy_full(
+    extra_policy: Option<&str>,
+    dest: &str,
+    origin: u16,
+    queue: usize,
+    headers: AuditHeaders,
+) -> Proxy {
     let mut set = PolicySet::default();
     let p = repo().join("conformance/policies/gateway/policies.yaml");
     set.load_str("gateway.yaml", &std::fs::read_to_string(p).unwrap());
@@ -137,7 +147,8 @@ async fn start_proxy_with_queue(
         "Access denied",
     )
     .await
-    .unwrap();
+    .unwrap()
+    .with_audit_headers(headers);
     let addr = l.local_addr().unwrap();
     tokio::spawn(serve_listener(l));
     Proxy {
@@ -660,4 +671,49 @@ async fn fifty_thousand_denials_are_all_written_or_counted_as_shed() {
         "the last records_lost record carries the full count"
     );
     eprintln!("{N} denials: {denied} written, {lost} shed (queue of 64)");
+}
+
+/// Header values in audit records: credentials are shown only as "[redacted]", headers not
+/// configured are left out, and operators can add (or redact) headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_redact_credentials_and_show_only_configured_headers() {
+    let origin = Nginx::start();
+    let secrets = [
+        "-H",
+        "Authorization: Bearer s3cr3t-token",
+        "-H",
+        "Cookie: session=c00kie-value",
+        "-H",
+        "X-Tenant: tenant-42",
+        "-A",
+        "curl-audit-test",
+    ];
+    for (headers, tenant, agent) in [
+        (AuditHeaders::default(), None, Some("curl-audit-test")),
+        (
+            AuditHeaders::with(&["X-Tenant".into()], &["user-agent".into()]),
+            Some("tenant-42"),
+            Some("[redacted]"),
+        ),
+    ] {
+        let p = start_proxy_full(None, "api-server:8080", origin.port, 64, headers).await;
+        let (code, _) = curl(
+            "127.0.0.40",
+            &secrets,
+            &format!("http://{}/admin/users", p.addr),
+        )
+        .await;
+        assert_eq!(code, 403);
+        let recs = audit_lines(&p, 1).await;
+        let h = &recs[0]["http"]["headers"];
+        assert_eq!(h["authorization"], "[redacted]");
+        assert_eq!(h["cookie"], "[redacted]");
+        assert_eq!(h["x-tenant"].as_str(), tenant);
+        assert_eq!(h["user-agent"].as_str(), agent);
+        let file = std::fs::read_to_string(&p.audit).unwrap();
+        assert!(
+            !file.contains("s3cr3t") && !file.contains("c00kie"),
+            "{file}"
+        );
+    }
 }
