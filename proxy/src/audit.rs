@@ -114,7 +114,7 @@ pub struct Record {
     pub time: String,
     pub node: String,
     pub direction: &'static str,
-    /// `denied` | `audit-denied`.
+    /// `denied` | `audit-denied` | `allowed` (only for rules with `log`).
     pub verdict: &'static str,
     pub reason: String,
     /// `http` | `grpc` | `tcp` | `tls` | `dns`.
@@ -146,8 +146,8 @@ pub struct Record {
 pub const SCHEMA: &str = "tollgate.audit/v1";
 
 impl Record {
-    /// The record of a decision, without protocol fields; `None` for an allow (allows are not
-    /// audited).
+    /// The record of a decision, without protocol fields; `None` for an allow, unless the
+    /// deciding rule has `log` set (visibility).
     pub fn of_verdict(
         v: &Verdict,
         protocol: &'static str,
@@ -159,6 +159,8 @@ impl Record {
         let verdict = match v.decision {
             Decision::Deny => "denied",
             Decision::AuditDeny => "audit-denied",
+            // Visibility: a rule with `log` set has the requests it allows recorded too.
+            Decision::Allow if v.log.is_some() => "allowed",
             Decision::Allow => return None,
         };
         Some(Record {

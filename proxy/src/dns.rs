@@ -1046,7 +1046,7 @@ impl Ctx {
             );
             return Some(reply);
         }
-        let audit = (v.decision != Decision::Allow).then(|| {
+        let audit = (v.decision != Decision::Allow || v.log.is_some()).then(|| {
             Box::new(AuditLater {
                 v,
                 src: src.remote.clone(),
@@ -1151,7 +1151,7 @@ impl Ctx {
                 }
             }
         };
-        if v.decision != Decision::Allow {
+        if v.decision != Decision::Allow || v.log.is_some() {
             let answered = dns::Header::parse(&reply).map_or(rcode::SERVFAIL, |h| h.rcode());
             self.audit(
                 &view.state,

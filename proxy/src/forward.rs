@@ -552,7 +552,8 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
         conn.decide(Some(&l7))
     };
     let protocol = if is_grpc { "grpc" } else { "http" };
-    if verdict.decision == Decision::Allow {
+    if verdict.decision == Decision::Allow && verdict.log.is_none() {
+        // Allowed by a rule without `log`: counted, not recorded.
         conn.l.metrics.observe(&verdict, protocol);
     } else {
         let grpc = grpc_call.map(|(s, m)| GrpcFields {

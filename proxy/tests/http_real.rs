@@ -717,3 +717,23 @@ async fn audit_records_redact_credentials_and_show_only_configured_headers() {
         );
     }
 }
+
+/// Visibility: a rule with `log` set has the requests it allows recorded (verdict `allowed`,
+/// with its log tag); requests allowed by rules without `log` are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_with_log_record_what_they_allow() {
+    let origin = Nginx::start();
+    let visible = "apiVersion: tollgate.io/v1alpha1\nkind: TollgatePolicy\nmetadata: {name: visible, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: api-server}}\n  log: {value: visibility}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: /api/v1/visible}]\n";
+    let p = start_proxy(Some(visible), "api-server:8080", origin.port).await;
+    let base = format!("http://{}", p.addr);
+    let (code, _) = curl("127.0.0.10", &[], &format!("{base}/public/index.html")).await;
+    assert_eq!(code, 200, "allowed by a rule without log: not recorded");
+    let (code, _) = curl("127.0.0.10", &[], &format!("{base}/api/v1/visible")).await;
+    assert_eq!(code, 200);
+    let recs = audit_lines(&p, 1).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["verdict"], "allowed");
+    assert_eq!(recs[0]["log"], "visibility");
+    assert_eq!(recs[0]["http"]["path"], "/api/v1/visible");
+    assert_eq!(recs[0]["policy"]["name"], "visible");
+}
