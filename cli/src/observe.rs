@@ -18,10 +18,10 @@ pub struct ObserveArgs {
     /// Keep reading new records as they are written.
     #[arg(long)]
     follow: bool,
-    /// denied | audit-denied
+    /// denied | audit-denied | allowed (rules with `log`)
     #[arg(long)]
     verdict: Option<String>,
-    /// http | grpc | tls | tcp
+    /// http | grpc | tls | tcp | dns
     #[arg(long)]
     protocol: Option<String>,
     /// Source: an endpoint name, `namespace/name`, or a label `key=value`.
