@@ -17,6 +17,10 @@ use crate::labels::NAMESPACE_LABELS_PREFIX;
 use crate::model::{CompiledRule, PolicyId, PolicyKind, PolicyMeta, RuleContext, compile_rule};
 use crate::yaml::{self, Document};
 
+/// Annotation that puts any policy (CNP, CCNP, NetworkPolicy or TollgatePolicy) in audit mode:
+/// `tollgate.io/enforcement: audit`.
+pub const ENFORCEMENT_ANNOTATION: &str = "tollgate.io/enforcement";
+
 /// A problem in an input file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Diagnostic {
@@ -160,6 +164,25 @@ impl PolicySet {
                 }
             },
         };
+        // Audit mode for any kind, Cilium's included: the annotation applies to the rules that
+        // do not say `enforcement` themselves. A value other than audit/enforce is an error and
+        // the policy is enforced (the stricter reading).
+        let annotated = match meta
+            .annotations
+            .get(ENFORCEMENT_ANNOTATION)
+            .map(String::as_str)
+        {
+            None => None,
+            Some("audit") => Some(crate::api::Enforcement::Audit),
+            Some("enforce") => Some(crate::api::Enforcement::Enforce),
+            Some(other) => {
+                errs.push((
+                    format!("metadata.annotations.{ENFORCEMENT_ANNOTATION}"),
+                    format!("`{other}`: expected `audit` or `enforce` (the policy is enforced)"),
+                ));
+                None
+            }
+        };
         let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
             errs.push((
                 "metadata.name".to_string(),
@@ -262,7 +285,12 @@ impl PolicySet {
                 }
             }
             errs.append(&mut e);
-            if let Some(r) = rule {
+            if let Some(mut r) = rule {
+                if let Some(enforcement) = annotated
+                    && v.get("enforcement").is_none_or(Value::is_null)
+                {
+                    r.enforcement = enforcement;
+                }
                 self.rules.push(r);
             }
         }

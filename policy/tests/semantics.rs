@@ -244,3 +244,54 @@ spec:
         Reason::DefaultAllow
     );
 }
+
+#[test]
+fn the_enforcement_annotation_puts_a_cilium_policy_in_audit_mode() {
+    let cnp = |annotation: &str| {
+        format!(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: api
+  namespace: prod
+  annotations: {{tollgate.io/enforcement: {annotation}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: api}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: web}}}}]
+    toPorts:
+    - ports: [{{port: "8080", protocol: TCP}}]
+      rules:
+        http: [{{method: GET, path: "/api/.*"}}]
+"#
+        )
+    };
+    let audited = evaluator(&cnp("audit"));
+    let r = http(&audited, "web", "DELETE", "/api/users");
+    assert_eq!(r.decision, Decision::AuditDeny, "forwarded, reported");
+    assert_eq!(r.deciding.enforcement.as_str(), "audit");
+    assert_eq!(
+        http(&audited, "admin", "GET", "/api/x").decision,
+        Decision::AuditDeny
+    );
+    let enforced = evaluator(&cnp("enforce"));
+    assert_eq!(
+        http(&enforced, "web", "DELETE", "/api/users").decision,
+        Decision::Deny
+    );
+    // Anything else is an error, and the policy stays enforced.
+    let mut set = PolicySet::default();
+    set.load_str("p.yaml", &cnp("maybe"));
+    assert_eq!(set.diagnostics.len(), 1, "{:?}", set.diagnostics);
+    assert!(
+        set.diagnostics[0]
+            .message
+            .contains("expected `audit` or `enforce`")
+    );
+    let eval = Evaluator::new(set.rules);
+    assert_eq!(
+        http(&eval, "web", "DELETE", "/api/users").decision,
+        Decision::Deny
+    );
+}
