@@ -245,6 +245,11 @@ impl AuditSink {
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
+
+    /// Records waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }
 
 /// The writer's end of an [`Output`]: whole lines, rotation between them.

@@ -8,6 +8,7 @@
 //!   silently (DNS upstream timeouts, malformed queries, shed load, truncated answers);
 //! - `tollgate_request_duration_seconds{protocol}`: arrival-to-answer latency histogram;
 //! - `tollgate_policy_revision`: the revision in force;
+//! - `tollgate_audit_queue_depth`: records waiting for the sink;
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
 //!   record is never silent).
 
@@ -68,6 +69,7 @@ pub struct Metrics {
     http_duration: Histogram,
     dns_duration: Histogram,
     revision: Gauge,
+    queued: Gauge,
     written: Gauge,
     shed: Gauge,
 }
@@ -89,6 +91,7 @@ impl Metrics {
                 duration_histogram,
             );
         let revision = Gauge::default();
+        let queued = Gauge::default();
         let written = Gauge::default();
         let shed = Gauge::default();
         registry.register(
@@ -118,6 +121,11 @@ impl Metrics {
             revision.clone(),
         );
         registry.register(
+            "tollgate_audit_queue_depth",
+            "Audit records waiting for the sink",
+            queued.clone(),
+        );
+        registry.register(
             "tollgate_audit_records_written",
             "Audit records written by the sink",
             written.clone(),
@@ -143,6 +151,7 @@ impl Metrics {
             dns_duration,
             durations,
             revision,
+            queued,
             written,
             shed,
         }
@@ -210,6 +219,8 @@ impl Metrics {
     /// The text exposition, with the audit gauges refreshed from `sink`.
     pub fn render(&self, sink: &AuditSink) -> String {
         self.written.set(sink.written() as i64);
+        self.queued
+            .set(i64::try_from(sink.queued()).unwrap_or(i64::MAX));
         self.shed.set(sink.shed() as i64);
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -536,6 +536,7 @@ async fn metrics_count_verdicts_and_rule_hits_on_the_metrics_endpoint() {
     );
     assert!(text.contains("tollgate_audit_records_written 1"), "{text}");
     assert!(text.contains("tollgate_audit_records_shed 0"), "{text}");
+    assert!(text.contains("tollgate_audit_queue_depth 0"), "{text}");
     // Every judged request's latency is in the histogram.
     let count = text
         .lines()
