@@ -168,25 +168,7 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     .unwrap();
     let log = dir.path().join("up.log");
     let audit = dir.path().join("audit.jsonl");
-    let _up = Reaped(
-        // nsenter switches only the network namespace (`ip netns exec` would also remount
-        // /sys, hiding the BPF filesystem the datapath pins to).
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", t.node))
-            .args([env!("CARGO_BIN_EXE_tollgate"), "up"])
-            .arg("--policies")
-            .arg(&policies)
-            .arg("--endpoints")
-            .arg(&inventory)
-            .arg("--pin-root")
-            .arg(&t.pin_root)
-            .arg("--audit-log")
-            .arg(&audit)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _up = start_up(&t, &policies, &inventory, &log, &audit);
     wait_for_log(&log, "revision 1:");
 
     // L7 through the redirect: the proxy judges each request.
@@ -356,22 +338,12 @@ spec:
     )
     .unwrap();
     let log = dir.path().join("up.log");
-    let _up = Reaped(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", t.node))
-            .args([env!("CARGO_BIN_EXE_tollgate"), "up"])
-            .arg("--policies")
-            .arg(&policies)
-            .arg("--endpoints")
-            .arg(&inventory)
-            .arg("--pin-root")
-            .arg(&t.pin_root)
-            .arg("--audit-log")
-            .arg(dir.path().join("audit.jsonl"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let _up = start_up(
+        &t,
+        &policies,
+        &inventory,
+        &log,
+        &dir.path().join("audit.jsonl"),
     );
     wait_for_log(&log, "revision 1:");
 
@@ -412,7 +384,9 @@ spec:
     assert!(logged.contains("1 learned IP(s)"), "{logged}");
 }
 
-fn start_up(t: &Topology, policies: &Path, inventory: &Path, log: &Path) -> Reaped {
+/// `tollgate up` in the node namespace (nsenter switches only the network namespace: `ip
+/// netns exec` would also remount /sys, hiding the BPF filesystem the datapath pins to).
+fn start_up(t: &Topology, policies: &Path, inventory: &Path, log: &Path, audit: &Path) -> Reaped {
     Reaped(
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", t.node))
@@ -423,7 +397,8 @@ fn start_up(t: &Topology, policies: &Path, inventory: &Path, log: &Path) -> Reap
             .arg(inventory)
             .arg("--pin-root")
             .arg(&t.pin_root)
-            .args(["--audit-log", "-"])
+            .arg("--audit-log")
+            .arg(audit)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -499,7 +474,8 @@ spec:
     )
     .unwrap();
     let log1 = dir.path().join("up1.log");
-    let up = start_up(&t, &policies, &inventory, &log1);
+    let audit = dir.path().join("audit.jsonl");
+    let up = start_up(&t, &policies, &inventory, &log1, &audit);
     wait_for_log(&log1, "revision 1:");
     assert_eq!(curl(&t.client.netns, &url), 200);
     let echo_at = SocketAddr::new(t.server.v4.into(), 7000);
@@ -536,7 +512,7 @@ spec:
     );
 
     let log2 = dir.path().join("up2.log");
-    let _up = start_up(&t, &policies, &inventory, &log2);
+    let _up = start_up(&t, &policies, &inventory, &log2, &audit);
     wait_for_log(&log2, "revision 1:");
     assert_eq!(curl(&t.client.netns, &url), 200, "L7 resumes");
     assert_eq!(

@@ -33,17 +33,13 @@ pub fn apply(dp: &mut Datapath, plan: &Plan) -> Result<Applied, DatapathError> {
     dp.upsert_policy(&entries)?;
     out.policy = entries.len();
     for ep in &plan.endpoints {
-        let who = format!("{}/{}", ep.namespace, ep.name);
-        let Some(ifname) = &ep.interface else {
-            out.unattached
-                .push(format!("{who}: no interface in the inventory"));
-            continue;
+        let ifname = match attachable(ep) {
+            Ok(i) => i,
+            Err(why) => {
+                out.unattached.push(why);
+                continue;
+            }
         };
-        if !interface_exists(ifname) {
-            out.unattached
-                .push(format!("{who}: interface {ifname} does not exist"));
-            continue;
-        }
         dp.upsert_endpoint(ifname, ep.info)?;
         dp.attach(ifname)?;
         out.endpoints += 1;
@@ -51,9 +47,17 @@ pub fn apply(dp: &mut Datapath, plan: &Plan) -> Result<Applied, DatapathError> {
     Ok(out)
 }
 
-/// In the calling thread's network namespace (sysfs would show the namespace it was mounted in).
-fn interface_exists(name: &str) -> bool {
-    ifindex(name).is_some()
+/// The endpoint's interface, or why the kernel cannot enforce for it. Looked up in the calling
+/// thread's network namespace (sysfs would show the namespace it was mounted in).
+fn attachable(ep: &crate::plan::PlanEndpoint) -> Result<&str, String> {
+    let who = format!("{}/{}", ep.namespace, ep.name);
+    let ifname = ep
+        .interface
+        .as_deref()
+        .ok_or_else(|| format!("{who}: no interface in the inventory"))?;
+    ifindex(ifname)
+        .map(|_| ifname)
+        .ok_or_else(|| format!("{who}: interface {ifname} does not exist"))
 }
 
 /// What [`update`] changed.
@@ -106,18 +110,14 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
         .collect();
     let mut present = HashSet::new();
     for ep in &new.endpoints {
-        let who = format!("{}/{}", ep.namespace, ep.name);
-        let Some(ifname) = &ep.interface else {
-            out.unattached
-                .push(format!("{who}: no interface in the inventory"));
-            continue;
+        let ifname = match attachable(ep) {
+            Ok(i) => i,
+            Err(why) => {
+                out.unattached.push(why);
+                continue;
+            }
         };
-        if !interface_exists(ifname) {
-            out.unattached
-                .push(format!("{who}: interface {ifname} does not exist"));
-            continue;
-        }
-        present.insert(ifname.clone());
+        present.insert(ifname.to_string());
         if old_eps.get(ifname) != Some(&ep.info) {
             dp.upsert_endpoint(ifname, ep.info)?;
             if !old_eps.contains_key(ifname) {

@@ -311,6 +311,15 @@ struct InFlight {
     audit: Option<Box<AuditLater>>,
 }
 
+/// A parsed query and the decision on it.
+struct Judged {
+    q: Query,
+    view: Arc<View>,
+    src: Arc<Source>,
+    dst: Remote,
+    v: Verdict,
+}
+
 /// What an audit record written when a forwarded query completes needs from its decision.
 #[derive(Debug)]
 struct AuditLater {
@@ -668,14 +677,7 @@ impl DnsListener {
         metrics: Arc<Metrics>,
         opts: DnsOptions,
     ) -> Result<DnsListener> {
-        let (name, policy_port) = match dest.rsplit_once(':') {
-            Some((n, p)) => (
-                n,
-                p.parse()
-                    .with_context(|| format!("`{dest}`: `{p}` is not a port"))?,
-            ),
-            None => (dest, 53),
-        };
+        let (name, policy_port) = crate::state::split_destination(dest, 53)?;
         let state: PolicyHandle = state.into();
         let target = if name == "world" {
             Target::World
@@ -1017,21 +1019,45 @@ impl Ctx {
         v
     }
 
-    /// A UDP query: the immediate reply (denied, malformed, shed), or `None` when it went
-    /// upstream.
-    async fn udp_query(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        let q = match dns::parse_query(&msg) {
-            Ok(q) => q,
-            Err(e) => {
-                self.metrics.event(PROTOCOL, "malformed_query");
-                tracing::debug!("DNS query from {peer}: {e}");
-                return dns::formerr(&msg);
-            }
-        };
+    /// Parse and judge one query; `Err` carries the reply to a malformed one (FORMERR, or
+    /// nothing when there is not even a header).
+    fn judge(
+        &self,
+        msg: &[u8],
+        peer: SocketAddr,
+        transport: Transport,
+    ) -> Result<Judged, Option<Vec<u8>>> {
+        let q = dns::parse_query(msg).map_err(|e| {
+            self.metrics.event(PROTOCOL, "malformed_query");
+            tracing::debug!("DNS query from {peer}: {e}");
+            dns::formerr(msg)
+        })?;
         let view = self.view();
         let src = self.source(&view, peer.ip());
         let dst = self.destination(&view);
-        let v = self.decide(&view, &src, &dst, Transport::Udp, &q.question.name);
+        let v = self.decide(&view, &src, &dst, transport, &q.question.name);
+        Ok(Judged {
+            q,
+            view,
+            src,
+            dst,
+            v,
+        })
+    }
+
+    /// A UDP query: the immediate reply (denied, malformed, shed), or `None` when it went
+    /// upstream.
+    async fn udp_query(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+        let Judged {
+            q,
+            view,
+            src,
+            dst,
+            v,
+        } = match self.judge(&msg, peer, Transport::Udp) {
+            Ok(j) => j,
+            Err(reply) => return reply,
+        };
         if v.decision == Decision::Deny {
             let reply = dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode);
             self.audit(
@@ -1120,18 +1146,16 @@ impl Ctx {
 
     /// A TCP query: judged, then refused or exchanged over the pooled upstream connections.
     async fn tcp_answer(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        let q = match dns::parse_query(&msg) {
-            Ok(q) => q,
-            Err(e) => {
-                self.metrics.event(PROTOCOL, "malformed_query");
-                tracing::debug!("DNS query from {peer}: {e}");
-                return dns::formerr(&msg);
-            }
+        let Judged {
+            q,
+            view,
+            src,
+            dst,
+            v,
+        } = match self.judge(&msg, peer, Transport::Tcp) {
+            Ok(j) => j,
+            Err(reply) => return reply,
         };
-        let view = self.view();
-        let src = self.source(&view, peer.ip());
-        let dst = self.destination(&view);
-        let v = self.decide(&view, &src, &dst, Transport::Tcp, &q.question.name);
         let reply = if v.decision == Decision::Deny {
             dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode)
         } else {

@@ -74,14 +74,7 @@ impl Listener {
         deny_body: &str,
     ) -> Result<Listener> {
         let state = state.into();
-        let (name, policy_port) = match dest.rsplit_once(':') {
-            Some((n, p)) => (
-                n,
-                p.parse()
-                    .with_context(|| format!("`{dest}`: `{p}` is not a port"))?,
-            ),
-            None => (dest, upstream.port()),
-        };
+        let (name, policy_port) = crate::state::split_destination(dest, upstream.port())?;
         if state.load().endpoint_index(name).is_none() {
             anyhow::bail!("destination `{name}` is not in the endpoints inventory");
         };

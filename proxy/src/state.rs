@@ -86,6 +86,19 @@ fn yaml_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// A listener destination `NAME` or `NAME:PORT`: the name and the port rules name
+/// (`default` when none is given).
+pub fn split_destination(dest: &str, default: u16) -> Result<(&str, u16)> {
+    match dest.rsplit_once(':') {
+        Some((n, p)) => Ok((
+            n,
+            p.parse()
+                .with_context(|| format!("`{dest}`: `{p}` is not a port"))?,
+        )),
+        None => Ok((dest, default)),
+    }
+}
+
 /// Size and modification time of every policy and inventory file, to notice changes.
 pub type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 
