@@ -110,33 +110,41 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
     );
 }
 
+/// python3 http.server on port 8080 in `host`'s namespace, serving `files`.
+fn http_server(host: &harness::Host, files: &[(&str, &str)]) -> (Reaped, tempfile::TempDir) {
+    let www = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(www.path().join(name), text).unwrap();
+    }
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &host.netns,
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+        ])
+        .args(["--bind", &host.v4.to_string(), "--directory"])
+        .arg(www.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Reaped(child), www)
+}
+
 #[test]
 fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     if !require_root("tollgate_up_enforces_policy_files_and_applies_changes_while_running") {
         return;
     }
     let t = Topology::new();
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(www.path().join("allowed.txt"), "public\n").unwrap();
-    std::fs::write(www.path().join("secret.txt"), "secret\n").unwrap();
     let server = t.server.v4.to_string();
-    let _http = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.server.netns,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-            ])
-            .args(["--bind", &server, "--directory"])
-            .arg(www.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _http = http_server(
+        &t.server,
+        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
     );
     let url = |path: &str| format!("http://{server}:8080{path}");
     until(200, || curl(&t.client.netns, &url("/allowed.txt")));
@@ -252,27 +260,8 @@ fn tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy()
     }
     let t = Topology::new();
     // `other` plays a host outside the cluster (not in the inventory): the world.
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(www.path().join("index.html"), "outside\n").unwrap();
     let outside = t.other.v4.to_string();
-    let _http = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.other.netns,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-            ])
-            .args(["--bind", &outside, "--directory"])
-            .arg(www.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _http = http_server(&t.other, &[("index.html", "outside\n")]);
     let resolver = t.server.v4.to_string();
     let _dnsmasq = Reaped(
         Command::new("ip")
@@ -419,27 +408,8 @@ fn a_restart_keeps_enforcing_fails_closed_for_l7_and_keeps_established_connectio
     harness::spawn_echo_server(&t.server.netns, 7001);
     let not_allowed = SocketAddr::new(t.server.v4.into(), 7001);
     assert!(harness::tcp_ok(&t.client.netns, not_allowed), "open before");
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(www.path().join("allowed.txt"), "public\n").unwrap();
     let server = t.server.v4.to_string();
-    let _http = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.server.netns,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-            ])
-            .args(["--bind", &server, "--directory"])
-            .arg(www.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _http = http_server(&t.server, &[("allowed.txt", "public\n")]);
     let url = format!("http://{server}:8080/allowed.txt");
     until(200, || curl(&t.client.netns, &url));
     let dir = tempfile::tempdir().unwrap();
