@@ -518,12 +518,11 @@ async fn handle_request(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Bod
     // What is sent upstream: the normalised path, or the CONNECT authority.
     let forward_target = if connect { host.as_str() } else { policy_path };
     let grpc_call = if is_grpc {
-        norm.as_ref()
-            .map(|n| n.path())
-            .unwrap_or("")
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        // A path that is not `/Service/Method` leaves the request a plain HTTP one, where gRPC
+        // rules never match.
+        tollgate_parsers::grpc::parse_path(norm.as_ref().map(|n| n.path()).unwrap_or(""))
+            .ok()
+            .map(|g| (g.service, g.method))
     } else {
         None
     };
