@@ -1,16 +1,63 @@
-//! The CustomResourceDefinition of `TollgatePolicy`, generated from the Rust types the loader
-//! deserializes (`tollgate_policy::api::Rule`), so the schema the API server enforces and the
-//! one tollgate parses cannot drift: `tollgate crd` prints it, `deploy/crds/` holds it, and a
-//! test fails when the two differ.
+//! The CustomResourceDefinitions of tollgate: `TollgatePolicy`, generated from the Rust types the
+//! loader deserializes (`tollgate_policy::api::Rule`), so the schema the API server enforces and
+//! the one tollgate parses cannot drift; and `TollgateIdentity` (cluster-scoped, one object per
+//! cluster-wide identity, see [`crate::kubernetes::identity`]), derived with kube's
+//! `CustomResource`. `tollgate crd` prints them, `deploy/crds/` holds them, and a test fails
+//! when the two differ.
 //!
 //! The JSON schema (schemars, OpenAPI 3 flavour, everything inlined) is made *structural* as
 //! Kubernetes requires: no `$ref`/`definitions`, no `additionalProperties: false` (unknown
 //! fields are pruned by the API server, and tollgate itself rejects them with a precise error),
 //! free-form values marked `x-kubernetes-preserve-unknown-fields`, int-or-string marked as such.
 
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
 use schemars::r#gen::SchemaSettings;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tollgate_policy::api::Rule;
+
+/// A cluster-wide identity: the object's name is the numeric identity (`256`…`65535`), its
+/// spec the security-relevant labels it stands for. Created with optimistic concurrency (a
+/// create of an existing name fails with 409), so every node ends up with the same number for
+/// the same labels; reserved identities (1–255) are never objects.
+#[derive(
+    CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars1::JsonSchema,
+)]
+#[kube(
+    group = "tollgate.io",
+    version = "v1alpha1",
+    kind = "TollgateIdentity",
+    plural = "tollgateidentities",
+    shortname = "tgid",
+    category = "tollgate",
+    crates(schemars = "::schemars1"),
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[schemars(crate = "schemars1")]
+#[serde(rename_all = "camelCase")]
+pub struct TollgateIdentitySpec {
+    /// The labels, as `source:key` → value (`k8s:app` → `frontend`,
+    /// `k8s:io.kubernetes.pod.namespace` → `prod`).
+    pub security_labels: BTreeMap<String, String>,
+}
+
+/// The TollgateIdentity CRD as a JSON value.
+pub fn tollgate_identity_crd() -> Value {
+    let mut v = serde_json::to_value(TollgateIdentity::crd()).unwrap_or(Value::Null);
+    v["metadata"]["labels"] = json!({"app.kubernetes.io/name": "tollgate"});
+    v
+}
+
+/// Every CRD of tollgate, by kind, in the order `tollgate crd` prints them.
+pub fn all_crds() -> Vec<(&'static str, Value)> {
+    vec![
+        ("TollgatePolicy", tollgate_policy_crd()),
+        ("TollgateIdentity", tollgate_identity_crd()),
+    ]
+}
 
 /// The `openAPIV3Schema` of one rule (`spec`, or an entry of `specs`).
 pub fn rule_schema() -> Value {
@@ -217,6 +264,17 @@ mod tests {
         let port = &rule["ingress"]["items"]["properties"]["toPorts"]["items"]["properties"]["ports"]
             ["items"]["properties"]["port"];
         assert_eq!(port["x-kubernetes-int-or-string"], json!(true));
+    }
+
+    #[test]
+    fn the_identity_crd_is_cluster_scoped_and_structural() {
+        let crd = tollgate_identity_crd();
+        assert_eq!(crd["metadata"]["name"], "tollgateidentities.tollgate.io");
+        assert_eq!(crd["spec"]["scope"], "Cluster");
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert_eq!(structural_problems(schema), Vec::<String>::new());
+        let labels = &schema["properties"]["spec"]["properties"]["securityLabels"];
+        assert_eq!(labels["additionalProperties"]["type"], "string", "{labels}");
     }
 
     #[test]

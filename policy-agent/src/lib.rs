@@ -7,4 +7,5 @@
 
 pub mod apply;
 pub mod crd;
+pub mod kubernetes;
 pub mod plan;

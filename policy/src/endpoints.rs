@@ -157,8 +157,16 @@ impl Inventory {
         };
         let mut alloc = IdentityAllocator::default();
         for spec in specs {
-            if inv.by_name(&spec.name).is_some() {
-                return Err(format!("duplicate endpoint name `{}`", spec.name));
+            // Names are unique per namespace (as pods are): `db-0` may exist in two namespaces.
+            if inv
+                .endpoints
+                .iter()
+                .any(|e| e.spec.name == spec.name && e.spec.namespace == spec.namespace)
+            {
+                return Err(format!(
+                    "duplicate endpoint name `{}` in namespace `{}`",
+                    spec.name, spec.namespace
+                ));
             }
             let empty = BTreeMap::new();
             let ns_labels = inv.namespaces.get(&spec.namespace).unwrap_or(&empty);
@@ -187,8 +195,16 @@ impl Inventory {
         Ok(inv)
     }
 
+    /// The endpoint called `name`, or `namespace/name` (the first of that name when it is
+    /// used in several namespaces and no namespace is given).
     pub fn by_name(&self, name: &str) -> Option<&Endpoint> {
-        self.endpoints.iter().find(|e| e.spec.name == name)
+        if let Some(e) = self.endpoints.iter().find(|e| e.spec.name == name) {
+            return Some(e);
+        }
+        let (ns, name) = name.split_once('/')?;
+        self.endpoints
+            .iter()
+            .find(|e| e.spec.name == name && e.spec.namespace == ns)
     }
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
@@ -245,6 +261,23 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("unknown field `lables`"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn names_are_unique_per_namespace() {
+        let inv = Inventory::from_yaml(
+            "- {name: db-0, namespace: a, labels: {app: x}}\n- {name: db-0, namespace: b, labels: {app: y}}\n",
+        )
+        .unwrap();
+        assert_eq!(inv.by_name("b/db-0").unwrap().spec.labels["app"], "y");
+        assert_eq!(inv.by_name("db-0").unwrap().spec.namespace, "a");
+        let err =
+            Inventory::from_yaml("- {name: db-0, namespace: a}\n- {name: db-0, namespace: a}\n")
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("duplicate endpoint name `db-0` in namespace `a`")
+        );
     }
 
     #[test]

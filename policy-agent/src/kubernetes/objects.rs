@@ -1,0 +1,448 @@
+//! From Kubernetes objects to exactly the inputs directory mode uses: policy documents for
+//! [`PolicySet`] and endpoint specs for [`Inventory`]. Pure functions, no I/O.
+//!
+//! Each policy object is loaded as its own "file" named after the object
+//! (`CiliumNetworkPolicy prod/api`, `CiliumClusterwideNetworkPolicy base`), so every diagnostic
+//! names the object and the rule path; [`describe`] prints them without the (meaningless)
+//! line number. The document given to the loader is the object's `apiVersion`/`kind` (from the
+//! watched resource), `metadata.name`/`namespace`/`annotations`, and every other top-level field
+//! as it came (`spec`, `specs`, and anything unknown, which the loader rejects by name).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{ApiResource, DynamicObject};
+use serde_json::{Map, Value};
+use tollgate_policy::endpoints::{EndpointSpec, Inventory, NamespaceSpec};
+use tollgate_policy::load::{Diagnostic, PolicySet};
+
+/// A policy kind the agent watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKind {
+    pub kind: &'static str,
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+}
+
+pub const CILIUM_NETWORK_POLICY: PolicyKind = PolicyKind {
+    kind: "CiliumNetworkPolicy",
+    group: "cilium.io",
+    version: "v2",
+    plural: "ciliumnetworkpolicies",
+    namespaced: true,
+};
+pub const CILIUM_CLUSTERWIDE_NETWORK_POLICY: PolicyKind = PolicyKind {
+    kind: "CiliumClusterwideNetworkPolicy",
+    group: "cilium.io",
+    version: "v2",
+    plural: "ciliumclusterwidenetworkpolicies",
+    namespaced: false,
+};
+pub const NETWORK_POLICY: PolicyKind = PolicyKind {
+    kind: "NetworkPolicy",
+    group: "networking.k8s.io",
+    version: "v1",
+    plural: "networkpolicies",
+    namespaced: true,
+};
+pub const TOLLGATE_POLICY: PolicyKind = PolicyKind {
+    kind: "TollgatePolicy",
+    group: "tollgate.io",
+    version: "v1alpha1",
+    plural: "tollgatepolicies",
+    namespaced: true,
+};
+
+/// Every policy kind, in load order.
+pub const POLICY_KINDS: [PolicyKind; 4] = [
+    CILIUM_NETWORK_POLICY,
+    CILIUM_CLUSTERWIDE_NETWORK_POLICY,
+    NETWORK_POLICY,
+    TOLLGATE_POLICY,
+];
+
+impl PolicyKind {
+    pub fn api_version(&self) -> String {
+        format!("{}/{}", self.group, self.version)
+    }
+
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_string(),
+            version: self.version.to_string(),
+            api_version: self.api_version(),
+            kind: self.kind.to_string(),
+            plural: self.plural.to_string(),
+        }
+    }
+
+    /// `CiliumNetworkPolicy prod/api`, `CiliumClusterwideNetworkPolicy base`: the "file" of
+    /// the object's diagnostics.
+    pub fn source_name(&self, obj: &DynamicObject) -> String {
+        let name = obj.metadata.name.as_deref().unwrap_or("");
+        match (&obj.metadata.namespace, self.namespaced) {
+            (Some(ns), true) => format!("{} {ns}/{name}", self.kind),
+            _ => format!("{} {name}", self.kind),
+        }
+    }
+}
+
+/// The document the loader reads for `obj` (see the module docs).
+pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
+    let mut doc = Map::new();
+    doc.insert("apiVersion".into(), Value::String(kind.api_version()));
+    doc.insert("kind".into(), Value::String(kind.kind.into()));
+    let mut meta = Map::new();
+    if let Some(n) = &obj.metadata.name {
+        meta.insert("name".into(), Value::String(n.clone()));
+    }
+    if let Some(ns) = &obj.metadata.namespace {
+        meta.insert("namespace".into(), Value::String(ns.clone()));
+    }
+    if let Some(a) = &obj.metadata.annotations {
+        meta.insert(
+            "annotations".into(),
+            serde_json::to_value(a).unwrap_or_default(),
+        );
+    }
+    doc.insert("metadata".into(), Value::Object(meta));
+    if let Value::Object(data) = &obj.data {
+        for (k, v) in data {
+            if k != "apiVersion" && k != "kind" && k != "metadata" {
+                doc.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(doc)
+}
+
+/// The loader's input for `objects`: (source name, document text), in a stable order (so the
+/// same objects always give the same rule order).
+pub fn policy_sources<'a>(
+    objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
+) -> Vec<(String, String)> {
+    let mut objects: Vec<(PolicyKind, &DynamicObject)> = objects.into_iter().collect();
+    objects.sort_by_key(|(k, o)| (*k, o.metadata.namespace.clone(), o.metadata.name.clone()));
+    objects
+        .into_iter()
+        .map(|(kind, obj)| {
+            // JSON is YAML: the loader's own parser reads it, so kube objects and files take
+            // the same path through validation.
+            let text =
+                serde_json::to_string_pretty(&policy_document(&kind, obj)).unwrap_or_default();
+            (kind.source_name(obj), text)
+        })
+        .collect()
+}
+
+/// Load `sources` (from [`policy_sources`]) into one policy set, each as its own "file".
+pub fn load_sources(sources: &[(String, String)]) -> PolicySet {
+    let mut set = PolicySet::default();
+    for (name, text) in sources {
+        set.load_str(name, text);
+    }
+    set
+}
+
+/// [`load_sources`] of [`policy_sources`].
+pub fn load_policies<'a>(
+    objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
+) -> PolicySet {
+    load_sources(&policy_sources(objects))
+}
+
+/// A diagnostic of a Kubernetes object: `CiliumNetworkPolicy ns/name: spec.ingress[0]…: reason`
+/// (the line of the generated document means nothing to a user).
+pub fn describe(d: &Diagnostic) -> String {
+    if d.path.is_empty() {
+        format!("{}: {}", d.file, d.message)
+    } else {
+        format!("{}: {}: {}", d.file, d.path, d.message)
+    }
+}
+
+/// Pod labels that are not part of a pod's identity, as in Cilium's default label filter: they
+/// change with every rollout (or name one pod), so they would give each pod generation its own
+/// identity. Policies cannot select on them.
+pub const IGNORED_POD_LABELS: [&str; 6] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "pod-template-generation",
+    "statefulset.kubernetes.io/pod-name",
+    "controller-uid",
+    "batch.kubernetes.io/controller-uid",
+];
+
+/// Why a pod is not an endpoint (yet): reported with [`PodSkip::reason`], never silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodSkip {
+    /// Uses the node's network namespace: it is the host identity, not an endpoint.
+    HostNetwork,
+    /// Has no IP yet (pending) or any more (finished).
+    NoIp,
+    /// Succeeded or Failed: its IP may already belong to another pod.
+    Finished,
+}
+
+/// The endpoint of a pod, or why it is none; `Err` for a pod the agent cannot read (an IP that
+/// does not parse, a port out of range), naming the field.
+pub fn endpoint_of(pod: &Pod) -> Result<Result<EndpointSpec, PodSkip>, String> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return Ok(Err(PodSkip::HostNetwork));
+    }
+    let status = pod.status.as_ref();
+    if let Some(phase) = status.and_then(|s| s.phase.as_deref())
+        && (phase == "Succeeded" || phase == "Failed")
+    {
+        return Ok(Err(PodSkip::Finished));
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let mut texts: Vec<(String, String)> = Vec::new();
+    if let Some(s) = status {
+        for (i, p) in s.pod_ips.iter().flatten().enumerate() {
+            texts.push((format!("status.podIPs[{i}].ip"), p.ip.clone()));
+        }
+        if texts.is_empty()
+            && let Some(ip) = &s.pod_ip
+        {
+            texts.push(("status.podIP".to_string(), ip.clone()));
+        }
+    }
+    for (path, t) in texts {
+        let ip: IpAddr = t
+            .parse()
+            .map_err(|_| format!("{path}: `{t}` is not an IP address"))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return Ok(Err(PodSkip::NoIp));
+    }
+    let labels: BTreeMap<String, String> = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !IGNORED_POD_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut ports = BTreeMap::new();
+    for (ci, c) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let Some(pname) = &p.name else { continue };
+            let port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    format!(
+                        "spec.containers[{ci}].ports[{pi}].containerPort: {} is not a port",
+                        p.container_port
+                    )
+                })?;
+            ports.insert(pname.clone(), port);
+        }
+    }
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .or_else(|| Some("default".to_string()));
+    Ok(Ok(EndpointSpec {
+        name,
+        namespace,
+        labels,
+        ips,
+        ports,
+        service_account,
+        interface: None,
+    }))
+}
+
+impl PodSkip {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PodSkip::HostNetwork => "uses the host network (it has the host identity)",
+            PodSkip::NoIp => "has no IP yet",
+            PodSkip::Finished => "has finished",
+        }
+    }
+}
+
+/// The inventory of `pods` and `namespaces`, and what was left out and why (one line per pod:
+/// `Pod ns/name: reason`). Two pods claiming one IP (a terminating pod and its successor): the
+/// one not being deleted keeps it, and the other is reported.
+pub fn build_inventory<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+) -> (Inventory, Vec<String>) {
+    let mut notes = Vec::new();
+    let (mut host_network, mut without_ip) = (0, 0);
+    let mut specs: Vec<(bool, EndpointSpec)> = Vec::new();
+    for pod in pods {
+        let who = format!(
+            "Pod {}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        match endpoint_of(pod) {
+            Ok(Ok(spec)) => specs.push((pod.metadata.deletion_timestamp.is_some(), spec)),
+            Ok(Err(PodSkip::NoIp)) => without_ip += 1,
+            Ok(Err(PodSkip::HostNetwork)) => host_network += 1,
+            Ok(Err(skip)) => notes.push(format!("{who}: not an endpoint: {}", skip.reason())),
+            Err(e) => notes.push(format!("{who}: {e} (not an endpoint)")),
+        }
+    }
+    if without_ip + host_network > 0 {
+        notes.push(format!(
+            "{without_ip} pod(s) without an IP yet and {host_network} host-network pod(s) (host identity) are not endpoints"
+        ));
+    }
+    // Live pods first, then by namespace/name: a stable order and a stable winner of an IP.
+    specs.sort_by(|(da, a), (db, b)| (da, &a.namespace, &a.name).cmp(&(db, &b.namespace, &b.name)));
+    let mut owner: HashMap<IpAddr, String> = HashMap::new();
+    let mut kept = Vec::new();
+    for (_, spec) in specs {
+        let who = format!("{}/{}", spec.namespace, spec.name);
+        if let Some(ip) = spec.ips.iter().find(|ip| owner.contains_key(ip)) {
+            notes.push(format!(
+                "Pod {who}: IP {ip} is also used by Pod {}; not an endpoint until one of them is gone",
+                owner[ip]
+            ));
+            continue;
+        }
+        for ip in &spec.ips {
+            owner.insert(*ip, who.clone());
+        }
+        kept.push(spec);
+    }
+    let ns: Vec<NamespaceSpec> = namespaces
+        .into_iter()
+        .filter_map(|n| {
+            Some(NamespaceSpec {
+                name: n.metadata.name.clone()?,
+                labels: n.metadata.labels.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    match Inventory::new(kept, ns) {
+        Ok(inv) => (inv, notes),
+        // Names are unique per namespace and IPs were deduplicated above; should the inventory
+        // still refuse, say so and enforce for no pod rather than for a wrong set.
+        Err(e) => {
+            notes.push(format!("inventory: {e}; no pod is an endpoint"));
+            (Inventory::default(), notes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn diagnostics_name_the_object_and_the_rule_path() {
+        let cnp = obj(serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "api", "namespace": "prod", "uid": "u1", "resourceVersion": "7",
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "99999"}]}]}]},
+        }));
+        let set = load_policies([(CILIUM_NETWORK_POLICY, &cnp)]);
+        assert_eq!(set.diagnostics.len(), 1, "{:?}", set.diagnostics);
+        let line = describe(&set.diagnostics[0]);
+        assert!(
+            line.starts_with(
+                "CiliumNetworkPolicy prod/api: spec.ingress[0].toPorts[0].ports[0].port: "
+            ),
+            "{line}"
+        );
+        // Server-side metadata (uid, managedFields…) is not a policy problem.
+        assert!(!line.contains("managedFields"), "{line}");
+    }
+
+    #[test]
+    fn unknown_top_level_fields_are_rejected_by_name() {
+        let tgp = obj(serde_json::json!({
+            "metadata": {"name": "x", "namespace": "a"},
+            "spec": {"endpointSelector": {}, "ingress": [{}]},
+            "sepc": {},
+        }));
+        let set = load_policies([(TOLLGATE_POLICY, &tgp)]);
+        let lines: Vec<String> = set.diagnostics.iter().map(describe).collect();
+        assert_eq!(lines, ["TollgatePolicy a/x: sepc: unknown field `sepc`"]);
+    }
+
+    fn pod(v: Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn pods_become_endpoints_with_ports_and_service_account() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "api-1", "namespace": "prod",
+                         "labels": {"app": "api", "pod-template-hash": "abc"}},
+            "spec": {"serviceAccountName": "api", "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080}, {"containerPort": 9090}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.2",
+                       "podIPs": [{"ip": "10.0.0.2"}, {"ip": "fd00::2"}]},
+        }));
+        let spec = endpoint_of(&p).unwrap().unwrap();
+        assert_eq!(spec.labels, BTreeMap::from([("app".into(), "api".into())]));
+        assert_eq!(spec.ips.len(), 2);
+        assert_eq!(spec.ports, BTreeMap::from([("http".into(), 8080)]));
+        assert_eq!(spec.service_account.as_deref(), Some("api"));
+        let hostnet = pod(
+            serde_json::json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true, "containers": []},
+            "status": {"podIP": "192.0.2.1"}}),
+        );
+        assert_eq!(endpoint_of(&hostnet).unwrap(), Err(PodSkip::HostNetwork));
+        let bad = pod(
+            serde_json::json!({"metadata": {"name": "b"}, "spec": {"containers": []},
+            "status": {"podIP": "10.0.0.999"}}),
+        );
+        assert_eq!(
+            endpoint_of(&bad).unwrap_err(),
+            "status.podIP: `10.0.0.999` is not an IP address"
+        );
+    }
+
+    #[test]
+    fn an_ip_claimed_twice_stays_with_the_live_pod_and_is_reported() {
+        let old = pod(
+            serde_json::json!({"metadata": {"name": "a", "namespace": "n",
+            "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"}}),
+        );
+        let new = pod(
+            serde_json::json!({"metadata": {"name": "b", "namespace": "n"},
+            "spec": {"containers": []}, "status": {"phase": "Running", "podIP": "10.0.0.5"}}),
+        );
+        let (inv, notes) = build_inventory([&old, &new], []);
+        assert_eq!(inv.endpoints.len(), 1);
+        assert_eq!(inv.endpoints[0].spec.name, "b");
+        assert_eq!(
+            notes,
+            [
+                "Pod n/a: IP 10.0.0.5 is also used by Pod n/b; not an endpoint until one of them is gone"
+            ]
+        );
+    }
+}

@@ -1,0 +1,465 @@
+//! The Kubernetes source: reflectors for every watched kind, a debounced recompile, and the
+//! status/event/identity writes that follow it.
+//!
+//! Each kind has a kube-runtime `watcher` (list, then watch from the list's resourceVersion;
+//! bookmarks; a 410 Gone relists; a dropped watch resumes from the last resourceVersion seen;
+//! errors back off) feeding a `reflector` store. Any change wakes the compile loop, which waits
+//! until no change came for [`Options::debounce`] (at most [`Options::max_delay`] after the
+//! first), then builds a [`Snapshot`] from the stores — policy documents and an inventory, the
+//! same inputs as directory mode — and publishes it on a `tokio::sync::watch` channel. A
+//! snapshot whose inputs equal the last one's is not published again (a status patch comes back
+//! as a watch event and changes nothing).
+//!
+//! Kinds the cluster does not serve (no Cilium CRDs installed, say) are not watched, and the
+//! snapshot says so; `TollgateIdentity` must be served when cluster identities are on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tollgate_policy::endpoints::Inventory;
+use tollgate_policy::eval::Evaluator;
+use tollgate_policy::load::PolicySet;
+
+use super::identity::{ClusterIdentities, security_labels};
+use super::objects::{self, POLICY_KINDS, PolicyKind, TOLLGATE_POLICY};
+use super::status::StatusWriter;
+use crate::crd::TollgateIdentity;
+
+/// How identities are numbered.
+#[derive(Debug, Clone)]
+pub enum Identities {
+    /// Per agent, in order of first sight (directory mode's allocator): only for tests and
+    /// single-node clusters, since other nodes would number differently.
+    Local,
+    /// `TollgateIdentity` objects ([`super::identity`]); unused ones are deleted after
+    /// `gc_grace`.
+    Cluster { gc_grace: Duration },
+}
+
+/// Settings of [`start`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Quiet time after a change before recompiling.
+    pub debounce: Duration,
+    /// Longest wait between the first change of a burst and its recompile.
+    pub max_delay: Duration,
+    pub identities: Identities,
+    /// Write TollgatePolicy conditions and events for invalid Cilium/NetworkPolicy objects.
+    pub write_status: bool,
+    /// This agent's name in events (the node name).
+    pub instance: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            identities: Identities::Cluster {
+                gc_grace: Duration::from_secs(300),
+            },
+            write_status: true,
+            instance: "tollgate-agent".to_string(),
+        }
+    }
+}
+
+/// What the cluster's objects compile to, at one revision.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// 1, 2, …: one per published change.
+    pub revision: u64,
+    /// The policy objects, loaded as directory mode loads files (each object its own source).
+    pub policies: PolicySet,
+    /// Pods (with an IP, not host-network) with labels, namespace labels, service account and
+    /// identity.
+    pub inventory: Inventory,
+    /// Every problem, one line each: `CiliumNetworkPolicy ns/name: spec…: reason`, and pods
+    /// that are not endpoints and why.
+    pub problems: Vec<String>,
+    /// Policy kinds the cluster does not serve (not watched).
+    pub not_served: Vec<&'static str>,
+}
+
+impl Snapshot {
+    /// The evaluator of this snapshot's rules.
+    pub fn evaluator(&self) -> Evaluator {
+        Evaluator::new(self.policies.rules.clone())
+    }
+}
+
+/// A running source; dropping it stops every task.
+#[derive(Debug)]
+pub struct Running {
+    /// The latest snapshot (the first is there when [`start`] returns).
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Problems writing status, events or identities, newest last (bounded).
+    pub write_errors: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Watch `api` into a store (kube-runtime watcher + reflector, default backoff); every change
+/// wakes `notify`. Watch errors are logged (the watcher recovers by itself).
+pub fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    what: String,
+    notify: Arc<Notify>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + Hash + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => notify.notify_one(),
+                Ok(Event::Init | Event::InitApply(_)) => {}
+                // The watcher relists or re-watches by itself; say why.
+                Err(e) => tracing::warn!("watching {what}: {e}"),
+            }
+        }
+    });
+    (reader, task)
+}
+
+/// Whether the cluster serves `ar` (a 404 on list means it does not).
+async fn served(client: &Client, ar: &ApiResource) -> Result<bool> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("listing {}", ar.plural)),
+    }
+}
+
+struct Loop {
+    opts: Options,
+    policies: Vec<(PolicyKind, Store<DynamicObject>)>,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    identities: Option<ClusterIdentities>,
+    status: StatusWriter,
+    not_served: Vec<&'static str>,
+    revision: u64,
+    last_inputs: Option<u64>,
+    write_errors: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// FNV-1a over the inputs, to tell whether a recompile would change anything.
+fn fingerprint(parts: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Loop {
+    fn note_error(&self, e: &anyhow::Error) {
+        tracing::warn!("{e:#}");
+        if let Ok(mut v) = self.write_errors.lock() {
+            if v.len() >= 100 {
+                v.remove(0);
+            }
+            v.push(format!("{e:#}"));
+        }
+    }
+
+    /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
+    async fn compile(&mut self) -> Result<Option<Snapshot>> {
+        let objects: Vec<(PolicyKind, Arc<DynamicObject>)> = self
+            .policies
+            .iter()
+            .flat_map(|(k, s)| s.state().into_iter().map(move |o| (*k, o)))
+            .collect();
+        let sources = objects::policy_sources(objects.iter().map(|(k, o)| (*k, o.as_ref())));
+        let pods = self.pods.state();
+        let namespaces = self.namespaces.state();
+        let (mut inventory, notes) = objects::build_inventory(
+            pods.iter().map(|p| p.as_ref()),
+            namespaces.iter().map(|n| n.as_ref()),
+        );
+        if let Some(ids) = &mut self.identities {
+            let mut done: HashMap<tollgate_policy::labels::LabelSet, u32> = HashMap::new();
+            for ep in &mut inventory.endpoints {
+                let id = match done.get(&ep.labels) {
+                    Some(id) => *id,
+                    None => {
+                        let id = ids.allocate(&ep.labels).await.with_context(|| {
+                            format!("identity of Pod {}/{}", ep.spec.namespace, ep.spec.name)
+                        })?;
+                        done.insert(ep.labels.clone(), id);
+                        id
+                    }
+                };
+                ep.identity = id;
+            }
+        }
+        let mut parts: Vec<String> = sources.iter().map(|(f, t)| format!("{f}\n{t}")).collect();
+        parts.extend(
+            inventory
+                .endpoints
+                .iter()
+                .map(|e| format!("{:?} {} {}", e.spec, e.labels, e.identity)),
+        );
+        parts.extend(notes.iter().cloned());
+        let key = fingerprint(&parts);
+        if self.last_inputs == Some(key) {
+            return Ok(None);
+        }
+        self.last_inputs = Some(key);
+        let policies = objects::load_sources(&sources);
+        let mut problems: Vec<String> =
+            policies.diagnostics.iter().map(objects::describe).collect();
+        problems.extend(notes);
+        self.revision += 1;
+        Ok(Some(Snapshot {
+            revision: self.revision,
+            policies,
+            inventory,
+            problems,
+            not_served: self.not_served.clone(),
+        }))
+    }
+
+    /// Conditions on TollgatePolicies, events on the other kinds (see [`super::status`]).
+    async fn write_status(&mut self, snap: &Snapshot) {
+        let mut by_source: HashMap<&str, Vec<String>> = HashMap::new();
+        for d in &snap.policies.diagnostics {
+            by_source
+                .entry(d.file.as_str())
+                .or_default()
+                .push(objects::describe(d));
+        }
+        let objects: Vec<(PolicyKind, Arc<DynamicObject>)> = self
+            .policies
+            .iter()
+            .flat_map(|(k, s)| s.state().into_iter().map(move |o| (*k, o)))
+            .collect();
+        for (kind, obj) in objects {
+            let problems = by_source
+                .get(kind.source_name(&obj).as_str())
+                .cloned()
+                .unwrap_or_default();
+            let r = if kind == TOLLGATE_POLICY {
+                self.status.tollgate_policy(&kind, &obj, &problems).await
+            } else if !problems.is_empty() {
+                self.status.invalid_event(&kind, &obj, &problems).await
+            } else {
+                Ok(false)
+            };
+            if let Err(e) = r {
+                self.note_error(&e);
+            }
+        }
+    }
+
+    async fn collect_garbage(&mut self, inventory: &Inventory) {
+        let in_use: HashSet<BTreeMap<String, String>> = inventory
+            .endpoints
+            .iter()
+            .map(|e| security_labels(&e.labels))
+            .collect();
+        if let Some(ids) = &mut self.identities {
+            match ids.collect_garbage(&in_use, Instant::now()).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!("deleted unused TollgateIdentity objects {gone:?}")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let e = e.context("collecting unused identities");
+                    self.note_error(&e);
+                }
+            }
+        }
+    }
+}
+
+/// Start watching through `client`; returns once the first snapshot is compiled.
+pub async fn start(client: Client, opts: Options) -> Result<Running> {
+    let notify = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    let mut policies = Vec::new();
+    let mut not_served = Vec::new();
+    for kind in POLICY_KINDS {
+        let ar = kind.api_resource();
+        if !served(&client, &ar).await? {
+            tracing::warn!(
+                "{} ({}) is not served by this cluster: not watched",
+                kind.kind,
+                kind.api_version()
+            );
+            not_served.push(kind.kind);
+            continue;
+        }
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let (store, task) = reflect(api, ar, kind.kind.to_string(), notify.clone());
+        tasks.push(task);
+        policies.push((kind, store));
+    }
+    let (pods, t) = reflect(
+        Api::<Pod>::all(client.clone()),
+        (),
+        "Pods".into(),
+        notify.clone(),
+    );
+    tasks.push(t);
+    let (namespaces, t) = reflect(
+        Api::<Namespace>::all(client.clone()),
+        (),
+        "Namespaces".into(),
+        notify.clone(),
+    );
+    tasks.push(t);
+    type Ready = futures::future::BoxFuture<'static, Result<(), reflector::store::WriterDropped>>;
+    fn ready<K: kube::runtime::reflector::Lookup + Clone + Send + Sync + 'static>(
+        s: &Store<K>,
+    ) -> Ready
+    where
+        K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    {
+        let s = s.clone();
+        Box::pin(async move { s.wait_until_ready().await })
+    }
+    let mut stores_ready: Vec<Ready> = vec![ready(&pods), ready(&namespaces)];
+    let identities = match &opts.identities {
+        Identities::Local => None,
+        Identities::Cluster { gc_grace } => {
+            let api: Api<TollgateIdentity> = Api::all(client.clone());
+            if let Err(e) = api.list(&ListParams::default().limit(1)).await {
+                bail!(
+                    "cluster identities need the TollgateIdentity CRD (deploy/crds/tollgate.io_tollgateidentities.yaml): {e}"
+                );
+            }
+            let (store, t) = reflect(api.clone(), (), "TollgateIdentities".into(), notify.clone());
+            tasks.push(t);
+            stores_ready.push(ready(&store));
+            Some(ClusterIdentities::new(api, store, *gc_grace))
+        }
+    };
+    stores_ready.extend(policies.iter().map(|(_, s)| ready(s)));
+    for r in futures::future::join_all(stores_ready).await {
+        r.context("a watch ended before its first list")?;
+    }
+    let write_errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut lp = Loop {
+        status: StatusWriter::new(client.clone(), opts.instance.clone()),
+        opts,
+        policies,
+        pods,
+        namespaces,
+        identities,
+        not_served,
+        revision: 0,
+        last_inputs: None,
+        write_errors: write_errors.clone(),
+    };
+    let first = lp.compile().await?.context("first compile")?;
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tasks.push(tokio::spawn(async move { lp.run(tx, notify).await }));
+    Ok(Running {
+        snapshots: rx,
+        write_errors,
+        tasks,
+    })
+}
+
+impl Loop {
+    async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>, notify: Arc<Notify>) {
+        let mut current = tx.borrow().clone();
+        self.after_publish(&current).await;
+        loop {
+            let gc_tick = match (&self.identities, &self.opts.identities) {
+                (Some(ids), Identities::Cluster { gc_grace }) if ids.gc_pending() => {
+                    (*gc_grace / 2).clamp(Duration::from_millis(10), Duration::from_secs(30))
+                }
+                _ => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(gc_tick) => {
+                    self.collect_garbage(&current.inventory).await;
+                    continue;
+                }
+            }
+            let first = Instant::now();
+            while first.elapsed() < self.opts.max_delay
+                && tokio::time::timeout(self.opts.debounce, notify.notified())
+                    .await
+                    .is_ok()
+            {}
+            match self.compile().await {
+                Ok(Some(snap)) => {
+                    current = Arc::new(snap);
+                    tracing::info!(
+                        "revision {}: {} rules, {} endpoints, {} problems, compiled {:.1} ms after the first change",
+                        current.revision,
+                        current.policies.rules.len(),
+                        current.inventory.endpoints.len(),
+                        current.problems.len(),
+                        first.elapsed().as_secs_f64() * 1000.0
+                    );
+                    if tx.send(current.clone()).is_err() {
+                        return;
+                    }
+                    self.after_publish(&current).await;
+                }
+                // Nothing to recompile (e.g. our own status patch came back); a status write
+                // that failed before is retried here.
+                Ok(None) => {
+                    if self.opts.write_status {
+                        self.write_status(&current).await;
+                    }
+                }
+                Err(e) => {
+                    // The last snapshot stays in force; try again shortly.
+                    let e = e.context(format!("keeping revision {}", current.revision));
+                    self.note_error(&e);
+                    self.last_inputs = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    notify.notify_one();
+                }
+            }
+        }
+    }
+
+    async fn after_publish(&mut self, snap: &Snapshot) {
+        if self.opts.write_status {
+            self.write_status(snap).await;
+        }
+        self.collect_garbage(&snap.inventory).await;
+    }
+}
