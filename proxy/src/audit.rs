@@ -99,6 +99,29 @@ pub struct DnsFields {
     pub transport: &'static str,
 }
 
+/// A Kafka request (one record per request; `topics` lists every topic it named).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KafkaFields {
+    /// The API's protocol name (`produce`, `fetch`, …), or `unknown`.
+    pub api_key: String,
+    pub api_key_id: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Consumer groups the request named.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transactional_ids: Vec<String>,
+    /// The error code the client was answered with (absent when forwarded, or when the
+    /// connection was closed instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i16>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyRef {
     pub kind: String,
@@ -117,7 +140,7 @@ pub struct Record {
     /// `denied` | `audit-denied` | `allowed` (only for rules with `log`).
     pub verdict: &'static str,
     pub reason: String,
-    /// `http` | `grpc` | `tcp` | `tls` | `dns`.
+    /// `http` | `grpc` | `tcp` | `tls` | `dns` | `kafka`.
     pub protocol: &'static str,
     pub source: Peer,
     pub destination: Peer,
@@ -129,6 +152,8 @@ pub struct Record {
     pub tls: Option<TlsFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaFields>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -183,6 +208,7 @@ impl Record {
             grpc: None,
             tls: None,
             dns: None,
+            kafka: None,
             policy: v.policy.as_ref().map(|p| PolicyRef {
                 kind: p.kind.as_str().to_string(),
                 namespace: p.namespace.clone(),
@@ -406,6 +432,7 @@ mod tests {
             grpc: None,
             tls: None,
             dns: None,
+            kafka: None,
             policy: None,
             rule: None,
             enforcement: "enforce",

@@ -18,14 +18,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_parsers::path::{Options, normalize};
-use tollgate_policy::check::combine;
-use tollgate_policy::eval::{Decision, L7Request, PortPolicy, Verdict};
+use tollgate_policy::eval::{Decision, L7Request, Verdict};
 use tollgate_policy::l7::{GrpcCall, HttpRequest};
 use tollgate_policy::model::Direction;
-use tollgate_policy::peer::Remote;
 
 use crate::audit::{self, AuditSink, GrpcFields, HttpFields, Record, TlsFields};
-use crate::state::{PolicyHandle, PolicyState};
+use crate::flow::Flow;
+use crate::state::PolicyHandle;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -208,39 +207,22 @@ pub async fn serve_listener(l: Listener) -> Result<()> {
 /// What every request of one connection shares.
 struct Conn {
     l: Arc<Listener>,
-    /// Where this connection's traffic goes, and the port policy rules name.
-    upstream: SocketAddr,
-    policy_port: u16,
     /// The upstream connection of an HTTP/1 downstream connection: its requests are
     /// sequential, so one dedicated upstream connection serves them without a shared pool.
     upstream_h1: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
-    peer: SocketAddr,
-    egress: Option<Arc<PortPolicy>>,
-    ingress: Option<Arc<PortPolicy>>,
-    src_remote: Remote,
-    dst_remote: Remote,
-    _fqdn_hold: Option<crate::fqdn::FqdnHold>,
-    state: Arc<PolicyState>,
+    flow: Flow,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        &self.flow
+    }
 }
 
 impl Conn {
     fn decide(&self, request: Option<&L7Request<'_>>) -> Verdict {
-        let e = self
-            .egress
-            .as_ref()
-            .map(|pp| pp.evaluate(&self.dst_remote, request));
-        let i = self
-            .ingress
-            .as_ref()
-            .map(|pp| pp.evaluate(&self.src_remote, request));
-        let mut v = combine(e.as_ref(), i.as_ref());
-        // Header edits of both sides apply to an allowed request.
-        v.header_edits = e
-            .into_iter()
-            .chain(i)
-            .flat_map(|x| x.header_edits)
-            .collect();
-        v
+        self.flow.decide(request)
     }
 
     fn record(
@@ -264,15 +246,14 @@ impl Conn {
         trace_id: Option<String>,
     ) {
         self.l.metrics.observe(v, protocol);
-        let state = &self.state;
-        let dst_ip = self.dst_remote.ip.unwrap_or_else(|| self.upstream.ip());
+        let (source, destination) = self.audit_peers();
         let Some(mut r) = Record::of_verdict(
             v,
             protocol,
-            state.audit_peer(&self.src_remote, self.peer.ip(), self.peer.port()),
-            state.audit_peer(&self.dst_remote, dst_ip, self.policy_port),
+            source,
+            destination,
             &self.l.node,
-            state.revision,
+            self.state.revision,
         ) else {
             return;
         };
@@ -302,31 +283,22 @@ async fn handle_connection(
             (state.endpoint_by_ip(orig.ip()), orig.port(), orig)
         }
     };
-    let egress = state
-        .endpoint_by_ip(peer.ip())
-        .map(|i| state.port_policy(i, Direction::Egress, port));
-    let ingress = dest_idx.map(|i| state.port_policy(i, Direction::Ingress, port));
-    let dst_remote = match dest_idx {
-        Some(i) => Remote::endpoint(state.endpoint(i)),
-        None => state.remote(upstream.ip()),
-    };
-    // A connection to a learned IP keeps that IP in the FQDN cache past its TTL.
-    let fqdn_hold = (!dst_remote.fqdns.is_empty()).then(|| state.fqdn.hold(upstream.ip()));
+    let flow = Flow::open(state, dest_idx, port, upstream, peer);
+    if flow.l7_kind() == Some("kafka") {
+        let kafka = crate::kafka::Shared::transparent(
+            l.state.clone(),
+            l.sink.clone(),
+            l.metrics.clone(),
+            l.upstream_mark,
+        );
+        return crate::kafka::serve_flow(kafka, flow, stream).await;
+    }
     let conn = Arc::new(Conn {
-        _fqdn_hold: fqdn_hold,
-        state: state.clone(),
         upstream_h1: tokio::sync::Mutex::new(None),
-        upstream,
-        policy_port: port,
-        src_remote: state.remote(peer.ip()),
-        dst_remote,
-        egress,
-        ingress,
-        peer,
+        flow,
         l: l.clone(),
     });
-    let has_l7 = conn.egress.as_ref().is_some_and(|p| p.has_l7())
-        || conn.ingress.as_ref().is_some_and(|p| p.has_l7());
+    let has_l7 = conn.has_l7();
     if !has_l7 {
         let sni_rules = conn.egress.as_ref().is_some_and(|p| p.has_server_names())
             || conn.ingress.as_ref().is_some_and(|p| p.has_server_names());

@@ -20,9 +20,11 @@
 
 pub mod audit;
 pub mod dns;
+mod flow;
 mod forward;
 pub mod fqdn;
 mod framing;
+pub mod kafka;
 pub mod metrics;
 mod sockets;
 pub mod state;
@@ -52,6 +54,14 @@ pub struct ProxyArgs {
     /// Destination of a fixed listener: `ENDPOINT[:PORT]@ADDR` (repeatable).
     #[arg(long = "to")]
     pub to: Vec<String>,
+    /// Fixed Kafka listener address (repeatable; pairs with `--kafka-to` in order). Clients
+    /// bootstrap here; broker addresses in Metadata/FindCoordinator/DescribeCluster answers
+    /// are rewritten to listeners of this proxy (started on the same IP for brokers not named).
+    #[arg(long = "kafka-listen")]
+    pub kafka_listen: Vec<SocketAddr>,
+    /// Destination of a Kafka listener: `ENDPOINT[:PORT]@BROKER` (repeatable).
+    #[arg(long = "kafka-to")]
+    pub kafka_to: Vec<String>,
     /// Transparent listener for flows the datapath redirects (`IP_TRANSPARENT`; the original
     /// destination is the accepted socket's local address). Repeatable.
     #[arg(long = "transparent")]
@@ -121,12 +131,14 @@ pub struct ProxyArgs {
 /// Run the proxy until the process is stopped.
 pub async fn run(args: ProxyArgs) -> Result<()> {
     if args.listen.is_empty()
+        && args.kafka_listen.is_empty()
         && args.transparent.is_empty()
         && args.dns_listen.is_empty()
         && args.dns_transparent.is_empty()
     {
         bail!(
-            "give at least one --listen ADDR --to ENDPOINT@ADDR, --transparent ADDR, \
+            "give at least one --listen ADDR --to ENDPOINT@ADDR, --kafka-listen ADDR \
+             --kafka-to ENDPOINT@BROKER, --transparent ADDR, \
              --dns-listen ADDR --dns-to DEST@ADDR, or --dns-transparent ADDR"
         );
     }
@@ -148,6 +160,13 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         max_ips_per_name: args.fqdn_max_ips.max(1),
         grace: std::time::Duration::from_secs(args.fqdn_grace),
     }));
+    if args.kafka_listen.len() != args.kafka_to.len() {
+        bail!(
+            "give one --kafka-to per --kafka-listen ({} listen, {} to)",
+            args.kafka_listen.len(),
+            args.kafka_to.len()
+        );
+    }
     if args.listen.len() != args.to.len() {
         bail!(
             "give one --to per --listen ({} listen, {} to)",
@@ -202,12 +221,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         tasks.push(tokio::spawn(l.serve()));
     }
     for (addr, to) in args.listen.iter().zip(&args.to) {
-        let (name, upstream) = to
-            .split_once('@')
-            .with_context(|| format!("--to `{to}`: expected ENDPOINT@ADDR"))?;
-        let upstream: SocketAddr = upstream
-            .parse()
-            .with_context(|| format!("--to `{to}`: `{upstream}` is not an address"))?;
+        let (name, upstream) = parse_to(to, "--to")?;
         let listener = Listener::bind(
             *addr,
             name,
@@ -221,6 +235,23 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         .with_audit_headers(AuditHeaders::with(&args.audit_header, &args.audit_redact));
         eprintln!("tollgate proxy: {addr} -> {name}@{upstream}");
         tasks.push(tokio::spawn(serve_listener(listener)));
+    }
+    for (addr, to) in args.kafka_listen.iter().zip(&args.kafka_to) {
+        let (name, upstream) = parse_to(to, "--kafka-to")?;
+        let l = kafka::KafkaListener::bind(
+            *addr,
+            name,
+            upstream,
+            handle.clone(),
+            sink.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        eprintln!(
+            "tollgate proxy: Kafka {} -> {name}@{upstream}",
+            l.local_addr()?
+        );
+        tasks.push(tokio::spawn(l.serve()));
     }
     for addr in &args.transparent {
         let listener =
@@ -277,4 +308,15 @@ async fn watch(args: ProxyArgs, handle: PolicyHandle, metrics: Arc<metrics::Metr
             Err(e) => eprintln!("tollgate proxy: reload failed: {e}"),
         }
     }
+}
+
+/// `ENDPOINT[:PORT]@ADDR` of a `--to`-style flag.
+fn parse_to<'a>(to: &'a str, flag: &str) -> Result<(&'a str, SocketAddr)> {
+    let (name, upstream) = to
+        .split_once('@')
+        .with_context(|| format!("{flag} `{to}`: expected ENDPOINT@ADDR"))?;
+    let upstream: SocketAddr = upstream
+        .parse()
+        .with_context(|| format!("{flag} `{to}`: `{upstream}` is not an address"))?;
+    Ok((name, upstream))
 }
