@@ -15,8 +15,9 @@ scenarios (clients):
                                                                      committed offsets back; all four)
   idempotent     --topic T --n N                                    (all four; enable.idempotence)
   transactional  --topic T --txn-id X --n N                         (all four; init/begin/commit)
-  raw            [--steps apiversions:127,metadata:127,apiversions:3] [--topic T]
-                 (plain socket, no library: each step is one request on ONE connection)
+  raw            [--steps apiversions:127,apiversions:3,metadata:12:T2,metadata:127] [--topic T]
+                 (plain socket, no library: each step is one request on ONE connection; a
+                 step after the connection closed is reported "not sent")
 
 Every wait is bounded by --timeout (seconds, default 5); the whole run by a SIGALRM watchdog.
 Error names are Kafka's (TOPIC_AUTHORIZATION_FAILED, ...) or librdkafka's local ones (_MSG_TIMED_OUT).
@@ -336,7 +337,7 @@ def kafka_python_mixed(a):
 
 
 def kafka_python_consume(a, commit=False):
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import KafkaConsumer
     res = {"consumed": 0, "errors": {}}
     c = KafkaConsumer(bootstrap_servers=a.bootstrap, client_id=a.client_id, group_id=a.group,
                       auto_offset_reset="earliest", enable_auto_commit=False,
@@ -344,23 +345,10 @@ def kafka_python_consume(a, commit=False):
                       heartbeat_interval_ms=500,
                       isolation_level="read_committed" if getattr(a, "read_committed", False) else "read_uncommitted")
     try:
-        if a.group:
-            c.subscribe([a.topic])
-        else:
-            parts = None
-            end = time.time() + a.timeout
-            while parts is None and time.time() < end:
-                parts = c.partitions_for_topic(a.topic)
-                if parts is None:
-                    time.sleep(0.1)
-            parts = sorted(parts or [])
-            res["partitions"] = len(parts)
-            if not parts:
-                bump(res["errors"], "NO_PARTITIONS")
-            else:
-                tps = [TopicPartition(a.topic, p) for p in parts]
-                c.assign(tps)
-                c.seek_to_beginning(*tps)
+        # Without a group: subscribe with group_id=None - kafka-python assigns every partition
+        # of the topic from that topic's metadata (partitions_for_topic() would ask for the
+        # metadata of ALL topics instead).
+        c.subscribe([a.topic])
         end = time.time() + a.timeout
         while res["consumed"] < a.n and time.time() < end:
             try:
@@ -370,6 +358,8 @@ def kafka_python_consume(a, commit=False):
                 res["exception"] = exc_info(e)
                 break
             res["consumed"] += sum(len(v) for v in batch.values())
+        res["partitions"] = len(c.assignment())
+        unauthorized_seen(c._client.cluster, a.topic, res)
         if commit and res["consumed"]:
             try:
                 c.commit()
@@ -381,6 +371,13 @@ def kafka_python_consume(a, commit=False):
     finally:
         c.close(autocommit=False)
     return res
+
+
+def unauthorized_seen(cluster, topic, res):
+    """kafka-python and aiokafka keep a Metadata TOPIC_AUTHORIZATION_FAILED in their cluster
+    view and may just never assign the topic: report it as an error the client saw."""
+    if topic in getattr(cluster, "unauthorized_topics", set()) and "TOPIC_AUTHORIZATION_FAILED" not in res["errors"]:
+        bump(res["errors"], "TOPIC_AUTHORIZATION_FAILED")
 
 
 def kafka_python_transactional(a):
@@ -466,7 +463,7 @@ def aiokafka_mixed(a):
 
 
 def aiokafka_consume(a, commit=False):
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     async def go():
         res = {"consumed": 0, "errors": {}}
@@ -477,28 +474,10 @@ def aiokafka_consume(a, commit=False):
                              isolation_level="read_committed" if getattr(a, "read_committed", False) else "read_uncommitted")
         try:
             await asyncio.wait_for(c.start(), a.timeout)
-            if a.group:
-                c.subscribe([a.topic])
-            else:
-                parts = None
-                end = time.time() + a.timeout
-                while not parts and time.time() < end:
-                    parts = c.partitions_for_topic(a.topic)
-                    if not parts:
-                        await c._client.force_metadata_update() if hasattr(c, "_client") else None
-                        parts = c.partitions_for_topic(a.topic)
-                        if not parts:
-                            await asyncio.sleep(0.1)
-                parts = sorted(parts or [])
-                res["partitions"] = len(parts)
-                if not parts:
-                    bump(res["errors"], "NO_PARTITIONS")
-                else:
-                    tps = [TopicPartition(a.topic, p) for p in parts]
-                    c.assign(tps)
-                    await c.seek_to_beginning(*tps)
+            # Without a group, aiokafka assigns every partition of a subscribed topic itself.
+            c.subscribe([a.topic])
             end = time.time() + a.timeout
-            while res["consumed"] < a.n and time.time() < end and not (not a.group and not res.get("partitions")):
+            while res["consumed"] < a.n and time.time() < end:
                 try:
                     batch = await c.getmany(timeout_ms=200, max_records=a.n - res["consumed"])
                 except Exception as e:
@@ -506,6 +485,8 @@ def aiokafka_consume(a, commit=False):
                     res["exception"] = exc_info(e)
                     break
                 res["consumed"] += sum(len(v) for v in batch.values())
+            res["partitions"] = len(c.assignment())
+            unauthorized_seen(c._client.cluster, a.topic, res)
             if commit and res["consumed"]:
                 try:
                     await asyncio.wait_for(c.commit(), a.timeout)
@@ -693,8 +674,51 @@ def apiversions_body():  # the v3+ body: client_software_name, client_software_v
     return cstr("tollgate-raw") + cstr("1.0") + b"\x00"
 
 
-def metadata_body(topic):  # shaped like v12: topics [name, topic_id], allow_auto_create, include_auth_ops
-    return uvarint(2) + cstr(topic) + b"\x00" * 16 + b"\x00" + b"\x00" + b"\x00" + b"\x00"
+def metadata_body(topic):
+    """Shaped like v10-v12: topics [topic_id, name, tags], allow_auto_topic_creation,
+    include_topic_authorized_operations, tags."""
+    return uvarint(2) + b"\x00" * 16 + cstr(topic) + b"\x00" + b"\x00" + b"\x00" + b"\x00"
+
+
+def read_cstr(buf, off):
+    n, off = read_uvarint(buf, off)
+    if n == 0:
+        return None, off
+    return buf[off:off + n - 1].decode(), off + n - 1
+
+
+def parse_metadata_v12(resp):
+    """resp = body after the correlation id (response header v1: tagged fields first)."""
+    off = read_uvarint(resp, 0)[1]  # header tags
+    off += 4  # throttle_time_ms
+    brokers = []
+    n, off = read_uvarint(resp, off)
+    for _ in range(max(n - 1, 0)):
+        (node,) = struct.unpack(">i", resp[off:off + 4])
+        host, off = read_cstr(resp, off + 4)
+        (port,) = struct.unpack(">i", resp[off:off + 4])
+        rack, off = read_cstr(resp, off + 4)
+        _, off = read_uvarint(resp, off)
+        brokers.append(f"{host}:{port}")
+    _, off = read_cstr(resp, off)  # cluster id
+    off += 4  # controller id
+    topics = {}
+    n, off = read_uvarint(resp, off)
+    for _ in range(max(n - 1, 0)):
+        (ec,) = struct.unpack(">h", resp[off:off + 2])
+        name, off = read_cstr(resp, off + 2)
+        off += 16 + 1  # topic id, is_internal
+        parts, off = read_uvarint(resp, off)
+        for _ in range(max(parts - 1, 0)):
+            off += 2 + 4 + 4 + 4
+            for _arr in range(3):  # replicas, isr, offline
+                k, off = read_uvarint(resp, off)
+                off += 4 * max(k - 1, 0)
+            _, off = read_uvarint(resp, off)
+        off += 4  # topic_authorized_operations
+        _, off = read_uvarint(resp, off)
+        topics[name] = KAFKA_ERR.get(ec, str(ec))
+    return {"brokers": brokers, "topics": topics}
 
 
 def parse_apiversions(resp, ver):
@@ -743,11 +767,12 @@ def raw(a):
         return b
 
     for i, st in enumerate(a.steps.split(",")):
-        name, ver = st.split(":")
+        name, ver, *rest = st.split(":")  # apiversions:VER | metadata:VER[:TOPIC]
         ver = int(ver)
+        topic = rest[0] if rest else a.topic
         key = {"apiversions": 18, "metadata": 3}[name]
         corr = 1000 + i
-        body = header_v2(key, ver, corr, a.client_id) + (apiversions_body() if key == 18 else metadata_body(a.topic))
+        body = header_v2(key, ver, corr, a.client_id) + (apiversions_body() if key == 18 else metadata_body(topic))
         r = {"request": st, "correlation_id": corr}
         if not alive:
             r["outcome"] = "not sent (connection gone)"
@@ -764,6 +789,11 @@ def raw(a):
             r["length"] = ln
             if key == 18:
                 r.update(parse_apiversions(resp[4:], ver))
+            elif ver == 12:
+                try:
+                    r.update(parse_metadata_v12(resp[4:]))
+                except Exception as e:
+                    r["parse_error"] = exc_info(e)
             else:
                 r["head_hex"] = resp[:24].hex()
         except EOFError as e:
@@ -827,7 +857,7 @@ def main():
     ap.add_argument("--txn-id", default=None)
     ap.add_argument("--read-committed", action="store_true")
     ap.add_argument("--n", type=int, default=10)
-    ap.add_argument("--steps", default="apiversions:127,apiversions:3,metadata:127,apiversions:3")
+    ap.add_argument("--steps", default="apiversions:127,apiversions:3,metadata:12,apiversions:3")
     ap.add_argument("--timeout", type=float, default=5.0)
     a = ap.parse_args()
     client = a.client or {"raw": "socket", "create-topics": "confluent"}.get(a.scenario, "confluent")
