@@ -253,6 +253,35 @@ fn supported_range(key: ApiKey) -> (i16, i16) {
     (v.min, proxy_max_version(key as i16).unwrap_or(v.max))
 }
 
+/// Whether tollgate builds a denial response for `key` (the keys [`Body`] decodes). A denied
+/// request of any other key ends the connection, so [`cap_api_versions`] callers should not
+/// advertise such keys to clients that may not use them.
+pub fn has_deny_response(key: i16) -> bool {
+    matches!(
+        ApiKey::try_from(key),
+        Ok(ApiKey::Produce
+            | ApiKey::Fetch
+            | ApiKey::ListOffsets
+            | ApiKey::Metadata
+            | ApiKey::OffsetCommit
+            | ApiKey::OffsetFetch
+            | ApiKey::FindCoordinator
+            | ApiKey::JoinGroup
+            | ApiKey::Heartbeat
+            | ApiKey::LeaveGroup
+            | ApiKey::SyncGroup
+            | ApiKey::DescribeGroups
+            | ApiKey::ApiVersions
+            | ApiKey::CreateTopics
+            | ApiKey::DeleteTopics
+            | ApiKey::InitProducerId
+            | ApiKey::AddPartitionsToTxn
+            | ApiKey::AddOffsetsToTxn
+            | ApiKey::EndTxn
+            | ApiKey::TxnOffsetCommit)
+    )
+}
+
 /// A request whose body was decoded (for the keys policy or deny responses need), or only its
 /// header (every other key: no rule can name anything in their bodies).
 #[derive(Debug, Clone)]
@@ -930,7 +959,15 @@ fn decode_response<R: Decodable>(
 /// Rewrite a broker's `ApiVersions` response (frame body, after the size) so that every API's
 /// max version is the lower of the broker's and [`proxy_max_version`], and APIs tollgate does
 /// not know are left out. The answer to a v0 fallback keeps its error code.
-pub fn cap_api_versions(version: i16, frame_body: Bytes) -> Result<Vec<u8>, KafkaError> {
+///
+/// `offer(key, min, max)` may narrow each remaining range further, or drop the key (`None`):
+/// the proxy drops keys the client's policy never allows and whose denial it could not
+/// answer.
+pub fn cap_api_versions(
+    version: i16,
+    frame_body: Bytes,
+    offer: &mut dyn FnMut(i16, i16, i16) -> Option<(i16, i16)>,
+) -> Result<Vec<u8>, KafkaError> {
     // ApiVersions answers an unsupported request version in v0 (KIP-511); try the version
     // asked first, then v0.
     let (cid, mut resp, used) = match decode_response::<ApiVersionsResponse>(
@@ -946,14 +983,22 @@ pub fn cap_api_versions(version: i16, frame_body: Bytes) -> Result<Vec<u8>, Kafk
             }
         }
     };
-    resp.api_keys
-        .retain_mut(|k| match proxy_max_version(k.api_key) {
-            Some(max) => {
-                k.max_version = k.max_version.min(max);
-                k.min_version <= k.max_version
+    resp.api_keys.retain_mut(|k| {
+        let Some(max) = proxy_max_version(k.api_key) else {
+            return false;
+        };
+        k.max_version = k.max_version.min(max);
+        if k.min_version > k.max_version {
+            return false;
+        }
+        match offer(k.api_key, k.min_version, k.max_version) {
+            Some((min, max)) if min <= max => {
+                (k.min_version, k.max_version) = (min, max);
+                true
             }
-            None => false,
-        });
+            _ => false,
+        }
+    });
     encode_response(ApiKey::ApiVersions, used, cid, &resp)
 }
 
@@ -996,9 +1041,7 @@ pub fn rewrite_brokers(
     match k {
         ApiKey::Metadata => {
             let (cid, mut r) = decode_response::<MetadataResponse>(k, version, frame_body)?;
-            for b in &mut r.brokers {
-                remap(map, b.node_id.0, &mut b.host, &mut b.port);
-            }
+            remap_all(Some(map), &mut r);
             encode_response(k, version, cid, &r)
         }
         ApiKey::FindCoordinator => {
@@ -1026,6 +1069,184 @@ pub fn rewrite_brokers(
             reason: "no broker addresses to rewrite".into(),
         }),
     }
+}
+
+/// The part of a request split off because its topics are denied ([`Request::split_topics`]),
+/// kept to answer for it in the broker's response ([`merge_denied`]).
+#[derive(Debug, Clone)]
+pub struct Split {
+    denied: SplitOff,
+}
+
+#[derive(Debug, Clone)]
+enum SplitOff {
+    Produce(Vec<m::produce_request::TopicProduceData>),
+    Metadata(Vec<m::metadata_request::MetadataRequestTopic>),
+}
+
+impl Split {
+    /// The denied topics.
+    pub fn topics(&self) -> Vec<String> {
+        match &self.denied {
+            SplitOff::Produce(t) => t
+                .iter()
+                .map(|t| topic_or_id(Some(&t.name), &t.topic_id))
+                .collect(),
+            SplitOff::Metadata(t) => t
+                .iter()
+                .map(|t| topic_or_id(t.name.as_ref(), &t.topic_id))
+                .collect(),
+        }
+    }
+}
+
+impl Request {
+    /// Split off the topics `allowed` rejects, for a Produce or a Metadata request that names
+    /// topics — the two requests a client mixes allowed and denied topics in, and where a
+    /// broker with ACLs answers per topic. `None` when nothing was split off, every topic was,
+    /// or the API has no per-topic answer (the request is then judged whole).
+    pub fn split_topics(&mut self, allowed: &mut dyn FnMut(&str) -> bool) -> Option<Split> {
+        let v = self.header.api_version;
+        match &mut self.body {
+            Body::Produce(r) => {
+                let (keep, deny): (Vec<_>, Vec<_>) = std::mem::take(&mut r.topic_data)
+                    .into_iter()
+                    .partition(|t| allowed(&topic_or_id(Some(&t.name), &t.topic_id)));
+                if keep.is_empty() || deny.is_empty() {
+                    r.topic_data = keep.into_iter().chain(deny).collect();
+                    return None;
+                }
+                r.topic_data = keep;
+                Some(Split {
+                    denied: SplitOff::Produce(deny),
+                })
+            }
+            // v0 reads an empty topic list as "all topics": never split there.
+            Body::Metadata(r) if v >= 1 => {
+                let topics = r.topics.as_mut()?;
+                let (keep, deny): (Vec<_>, Vec<_>) = std::mem::take(topics)
+                    .into_iter()
+                    .partition(|t| allowed(&topic_or_id(t.name.as_ref(), &t.topic_id)));
+                if keep.is_empty() || deny.is_empty() {
+                    *topics = keep.into_iter().chain(deny).collect();
+                    return None;
+                }
+                *topics = keep;
+                Some(Split {
+                    denied: SplitOff::Metadata(deny),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The request as a frame again (size prefix, header, body), after
+    /// [`Request::split_topics`].
+    pub fn encode_frame(&self) -> Result<Vec<u8>, KafkaError> {
+        let v = self.header.api_version;
+        let key = ApiKey::try_from(self.header.api_key)
+            .map_err(|_| KafkaError::UnknownApiKey(self.header.api_key))?;
+        let fail = |reason: String| KafkaError::Encode {
+            api: api_name(key as i16).unwrap_or("other"),
+            version: v,
+            reason,
+        };
+        let mut buf = BytesMut::with_capacity(256);
+        buf.extend_from_slice(&[0, 0, 0, 0]);
+        let mut h = m::RequestHeader::default();
+        h.request_api_key = self.header.api_key;
+        h.request_api_version = v;
+        h.correlation_id = self.header.correlation_id;
+        h.client_id = self.header.client_id.clone().map(StrBytes::from_string);
+        h.encode(&mut buf, key.request_header_version(v))
+            .map_err(|e| fail(e.to_string()))?;
+        match &self.body {
+            Body::Produce(r) => r.encode(&mut buf, v),
+            Body::Metadata(r) => r.encode(&mut buf, v),
+            _ => return Err(fail("only split requests are re-encoded".into())),
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let size = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&size.to_be_bytes());
+        Ok(buf.to_vec())
+    }
+}
+
+fn remap_all(brokers: Option<&mut dyn BrokerMap>, r: &mut MetadataResponse) {
+    if let Some(map) = brokers {
+        for b in &mut r.brokers {
+            remap(map, b.node_id.0, &mut b.host, &mut b.port);
+        }
+    }
+}
+
+/// The broker's response to the forwarded part of a split request, with the split-off topics
+/// answered `error` (and broker addresses mapped through `brokers`, for Metadata).
+pub fn merge_denied(
+    split: &Split,
+    version: i16,
+    frame_body: Bytes,
+    error: i16,
+    brokers: Option<&mut dyn BrokerMap>,
+) -> Result<Vec<u8>, KafkaError> {
+    match &split.denied {
+        SplitOff::Produce(denied) => {
+            let (cid, mut r) =
+                decode_response::<m::ProduceResponse>(ApiKey::Produce, version, frame_body)?;
+            for t in denied {
+                let mut tr = m::produce_response::TopicProduceResponse::default();
+                tr.name = t.name.clone();
+                tr.topic_id = t.topic_id;
+                for p in &t.partition_data {
+                    let mut pr = m::produce_response::PartitionProduceResponse::default();
+                    pr.index = p.index;
+                    pr.error_code = error;
+                    pr.base_offset = -1;
+                    pr.log_append_time_ms = -1;
+                    pr.log_start_offset = -1;
+                    tr.partition_responses.push(pr);
+                }
+                r.responses.push(tr);
+            }
+            encode_response(ApiKey::Produce, version, cid, &r)
+        }
+        SplitOff::Metadata(denied) => {
+            let (cid, mut r) =
+                decode_response::<MetadataResponse>(ApiKey::Metadata, version, frame_body)?;
+            for t in denied {
+                let mut tr = m::metadata_response::MetadataResponseTopic::default();
+                tr.error_code = error;
+                tr.name = t.name.clone();
+                tr.topic_id = t.topic_id;
+                r.topics.push(tr);
+            }
+            remap_all(brokers, &mut r);
+            encode_response(ApiKey::Metadata, version, cid, &r)
+        }
+    }
+}
+
+/// A Metadata response to a request for all topics, without the topics `visible` rejects (a
+/// broker with ACLs lists only the topics a client may describe), broker addresses mapped
+/// through `brokers`. Returns the frame and the hidden topics.
+pub fn filter_metadata(
+    version: i16,
+    frame_body: Bytes,
+    visible: &mut dyn FnMut(&str) -> bool,
+    brokers: Option<&mut dyn BrokerMap>,
+) -> Result<(Vec<u8>, Vec<String>), KafkaError> {
+    let (cid, mut r) = decode_response::<MetadataResponse>(ApiKey::Metadata, version, frame_body)?;
+    let mut hidden = Vec::new();
+    r.topics.retain(|t| {
+        let name = topic_or_id(t.name.as_ref(), &t.topic_id);
+        let keep = visible(&name);
+        if !keep {
+            hidden.push(name);
+        }
+        keep
+    });
+    remap_all(brokers, &mut r);
+    Ok((encode_response(ApiKey::Metadata, version, cid, &r)?, hidden))
 }
 
 /// The correlation id of a response frame body (its first four bytes in every header version).

@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tollgate_parsers::kafka::{self as kp, KafkaError, PolicyFields, Request};
+use tollgate_parsers::kafka::{self as kp, KafkaError, PolicyFields, Request, RequestHeader};
 use tollgate_policy::eval::{Decision, L7Request, Verdict};
 use tollgate_policy::l7::KafkaRequest;
 use tollgate_policy::model::Direction;
@@ -207,15 +207,29 @@ enum Pending {
     Close,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Rewrite {
     None,
-    ApiVersions,
+    /// Cap versions; for a judged connection also leave out the keys this client's policy
+    /// never allows and whose denial has no answer (`client_id` is the request's).
+    ApiVersions {
+        client_id: Option<String>,
+    },
+    /// Map broker addresses to our listeners (fixed mode).
     Brokers,
+    /// The request went on without its denied topics: answer those in the response.
+    Merge(Box<kp::Split>),
+    /// A Metadata request for all topics: hide the topics the client may not see, and record
+    /// them under `verdict` (the whole request's denial).
+    Filter {
+        header: RequestHeader,
+        verdict: Box<Verdict>,
+    },
 }
 
 /// Serve one Kafka connection whose flow is `flow`.
 pub(crate) async fn serve_flow(shared: Arc<Shared>, flow: Flow, client: TcpStream) -> Result<()> {
+    let flow = Arc::new(flow);
     let _ = client.set_nodelay(true);
     let judged = flow.has_l7();
     if !judged {
@@ -233,7 +247,14 @@ pub(crate) async fn serve_flow(shared: Arc<Shared>, flow: Flow, client: TcpStrea
     let (client_r, client_w) = client.into_split();
     let (broker_r, broker_w) = broker.into_split();
     let (tx, rx) = mpsc::channel(PIPELINE);
-    let mut down = tokio::spawn(responses(shared.clone(), rx, broker_r, client_w));
+    let mut down = tokio::spawn(responses(
+        shared.clone(),
+        flow.clone(),
+        judged,
+        rx,
+        broker_r,
+        client_w,
+    ));
     let mut conn = Requests {
         shared: &shared,
         flow: &flow,
@@ -252,7 +273,7 @@ pub(crate) async fn serve_flow(shared: Arc<Shared>, flow: Flow, client: TcpStrea
 
 struct Requests<'a> {
     shared: &'a Arc<Shared>,
-    flow: &'a Flow,
+    flow: &'a Arc<Flow>,
     /// Kafka rules apply: every request is judged.
     judged: bool,
     /// The topics of this connection's fetch session (KIP-227), once a full fetch opened it:
@@ -263,6 +284,8 @@ struct Requests<'a> {
 /// What one request frame leads to.
 enum Step {
     Forward(Option<Pending>),
+    /// Forward this frame instead of the client's (the request without its denied topics).
+    ForwardEdited(Vec<u8>, Option<Pending>),
     Answer(Pending),
     Nothing,
     Close,
@@ -296,6 +319,12 @@ impl Requests<'_> {
                         }
                         broker.write_all(&frame).await?;
                     }
+                    Step::ForwardEdited(edited, pending) => {
+                        if let Some(p) = pending {
+                            send(&tx, &mut broker, p).await?;
+                        }
+                        broker.write_all(&edited).await?;
+                    }
                     Step::Answer(p) => send(&tx, &mut broker, p).await?,
                     Step::Nothing => {}
                     Step::Close => {
@@ -323,24 +352,34 @@ impl Requests<'_> {
 
     fn step(&mut self, frame: &Bytes) -> Step {
         let body = frame.slice(4..);
-        let req = match kp::decode_request(body) {
+        let mut req = match kp::decode_request(body) {
             Ok(r) => r,
             Err(e) => return self.undecodable(frame, e),
         };
         let fields = req.policy_fields();
         let rewrite = match req.header.api_key {
-            18 => Rewrite::ApiVersions,
+            18 => Rewrite::ApiVersions {
+                client_id: req.header.client_id.clone(),
+            },
             k if self.shared.fixed.is_some() && kp::carries_brokers(k) => Rewrite::Brokers,
             _ => Rewrite::None,
         };
-        let pending = fields.expects_response.then_some(Pending::Broker {
-            api_key: req.header.api_key,
-            api_version: req.header.api_version,
-            correlation_id: req.header.correlation_id,
-            rewrite,
-        });
+        let (api_key, api_version, correlation_id) = (
+            req.header.api_key,
+            req.header.api_version,
+            req.header.correlation_id,
+        );
+        let expects_response = fields.expects_response;
+        let pending_with = |rewrite| {
+            expects_response.then_some(Pending::Broker {
+                api_key,
+                api_version,
+                correlation_id,
+                rewrite,
+            })
+        };
         if !self.judged {
-            return Step::Forward(pending);
+            return Step::Forward(pending_with(rewrite));
         }
         // A fetch session continued on a connection that did not open it cannot be judged
         // (the session's topics are unknown): the client is told to start a new one.
@@ -370,8 +409,48 @@ impl Requests<'_> {
             judged_fields.topics = all.iter().cloned().collect();
             judged_fields.topics.sort();
         }
-        let v = self.judge(&req, &judged_fields);
+        let v = self.judge(&req.header, &judged_fields);
         if v.decision == Decision::Deny {
+            // A broker with ACLs answers Produce and Metadata per topic: forward what is
+            // allowed, answer the rest (cnp-semantics §8.3 judges the whole request; see
+            // docs/policy-model.md for why tollgate answers per topic here).
+            let all_topics = req.header.api_key == 3
+                && (fields.topics.is_empty() || req.header.api_version == 0);
+            if all_topics {
+                let filter = Rewrite::Filter {
+                    header: req.header.clone(),
+                    verdict: Box::new(v),
+                };
+                return Step::Forward(pending_with(filter));
+            }
+            let header = req.header.clone();
+            let mut allowed = |t: &str| {
+                let one = PolicyFields {
+                    topics: vec![t.to_string()],
+                    ..judged_fields.clone()
+                };
+                self.judge(&header, &one).decision != Decision::Deny
+            };
+            if let Some(split) = req.split_topics(&mut allowed) {
+                let denied = split.topics();
+                match req.encode_frame() {
+                    Ok(edited) => {
+                        let part = PolicyFields {
+                            topics: denied,
+                            ..fields.clone()
+                        };
+                        let v = with_detail(v, "the request's other topics were forwarded");
+                        self.record_request(&v, &req, &part, Some(kp::TOPIC_AUTHORIZATION_FAILED));
+                        let rewrite = Rewrite::Merge(Box::new(split));
+                        return Step::ForwardEdited(edited, pending_with(rewrite));
+                    }
+                    Err(e) => {
+                        let v = with_detail(v, format!("{e}: connection closed"));
+                        self.record_request(&v, &req, &fields, None);
+                        return Step::Close;
+                    }
+                }
+            }
             let error = req.deny_error(!v.denied_topics.is_empty());
             return match kp::deny_response(&req, error) {
                 Ok(Some(b)) => {
@@ -401,54 +480,74 @@ impl Requests<'_> {
             self.fetch_session = session_topics;
         }
         self.record_request(&v, &req, &fields, None);
-        Step::Forward(pending)
+        Step::Forward(pending_with(rewrite))
     }
 
     /// One verdict for the request: every consumer group and transactional id it names is
     /// judged (with all its topics), and the strictest outcome wins.
-    fn judge(&self, req: &Request, f: &PolicyFields) -> Verdict {
-        let topics: Vec<&str> = f.topics.iter().map(String::as_str).collect();
-        let groups: Vec<Option<&str>> = if f.groups.is_empty() {
-            vec![None]
-        } else {
-            f.groups.iter().map(|g| Some(g.as_str())).collect()
-        };
-        let txns: Vec<Option<&str>> = if f.transactional_ids.is_empty() {
-            vec![None]
-        } else {
-            f.transactional_ids
-                .iter()
-                .map(|t| Some(t.as_str()))
-                .collect()
-        };
-        let mut worst: Option<Verdict> = None;
-        for g in &groups {
-            for t in &txns {
-                let kreq = KafkaRequest {
-                    api_key: req.header.api_key,
-                    api_version: req.header.api_version,
-                    client_id: req.header.client_id.as_deref(),
-                    topics: &topics,
-                    group_id: *g,
-                    transactional_id: *t,
-                };
-                let v = self.flow.decide(Some(&L7Request::Kafka(kreq)));
-                let rank = |d: Decision| match d {
-                    Decision::Deny => 2,
-                    Decision::AuditDeny => 1,
-                    Decision::Allow => 0,
-                };
-                if worst
-                    .as_ref()
-                    .is_none_or(|w| rank(v.decision) > rank(w.decision))
-                {
-                    worst = Some(v);
-                }
+    fn judge(&self, header: &RequestHeader, f: &PolicyFields) -> Verdict {
+        judge(
+            self.flow,
+            header.api_key,
+            header.api_version,
+            header.client_id.as_deref(),
+            f,
+        )
+    }
+}
+
+/// One verdict for a request: every consumer group and transactional id it names is judged
+/// (with all its topics), and the strictest outcome wins.
+fn judge(
+    flow: &Flow,
+    api_key: i16,
+    api_version: i16,
+    client_id: Option<&str>,
+    f: &PolicyFields,
+) -> Verdict {
+    let topics: Vec<&str> = f.topics.iter().map(String::as_str).collect();
+    let groups: Vec<Option<&str>> = if f.groups.is_empty() {
+        vec![None]
+    } else {
+        f.groups.iter().map(|g| Some(g.as_str())).collect()
+    };
+    let txns: Vec<Option<&str>> = if f.transactional_ids.is_empty() {
+        vec![None]
+    } else {
+        f.transactional_ids
+            .iter()
+            .map(|t| Some(t.as_str()))
+            .collect()
+    };
+    let mut worst: Option<Verdict> = None;
+    for g in &groups {
+        for t in &txns {
+            let kreq = KafkaRequest {
+                api_key,
+                api_version,
+                client_id,
+                topics: &topics,
+                group_id: *g,
+                transactional_id: *t,
+            };
+            let v = flow.decide(Some(&L7Request::Kafka(kreq)));
+            let rank = |d: Decision| match d {
+                Decision::Deny => 2,
+                Decision::AuditDeny => 1,
+                Decision::Allow => 0,
+            };
+            if worst
+                .as_ref()
+                .is_none_or(|w| rank(v.decision) > rank(w.decision))
+            {
+                worst = Some(v);
             }
         }
-        worst.unwrap_or_else(|| self.flow.decide(None))
     }
+    worst.unwrap_or_else(|| flow.decide(None))
+}
 
+impl Requests<'_> {
     /// A frame that did not decode.
     fn undecodable(&self, frame: &Bytes, e: KafkaError) -> Step {
         let header = kp::parse_request_header(&frame[4..]).ok();
@@ -482,20 +581,57 @@ impl Requests<'_> {
     }
 
     fn record_request(&self, v: &Verdict, req: &Request, f: &PolicyFields, error: Option<i16>) {
-        let h = &req.header;
-        let fields = KafkaFields {
-            api_key: h.api_name().unwrap_or("unknown").to_string(),
-            api_key_id: h.api_key,
-            api_version: h.api_version,
-            correlation_id: h.correlation_id,
-            client_id: h.client_id.clone(),
-            topics: f.topics.clone(),
-            groups: f.groups.clone(),
-            transactional_ids: f.transactional_ids.clone(),
-            error_code: error,
-        };
+        let fields = kafka_fields(
+            &req.header,
+            f.topics.clone(),
+            f.groups.clone(),
+            f.transactional_ids.clone(),
+            error,
+        );
         record(self.shared, self.flow, v, Some(fields));
     }
+}
+
+fn kafka_fields(
+    h: &RequestHeader,
+    topics: Vec<String>,
+    groups: Vec<String>,
+    transactional_ids: Vec<String>,
+    error_code: Option<i16>,
+) -> KafkaFields {
+    KafkaFields {
+        api_key: h.api_name().unwrap_or("unknown").to_string(),
+        api_key_id: h.api_key,
+        api_version: h.api_version,
+        correlation_id: h.correlation_id,
+        client_id: h.client_id.clone(),
+        topics,
+        groups,
+        transactional_ids,
+        error_code,
+    }
+}
+
+/// The versions of `key` advertised to a client: all of `min..=max`, except on a judged
+/// connection for a key whose denial tollgate cannot answer — there only the versions this
+/// client's policy allows (rules can name no topic or group of such keys, so the header alone
+/// decides), and the key is left out when none is.
+fn offer_versions(
+    flow: &Flow,
+    judged: bool,
+    client_id: Option<&str>,
+    key: i16,
+    min: i16,
+    max: i16,
+) -> Option<(i16, i16)> {
+    if !judged || kp::has_deny_response(key) {
+        return Some((min, max));
+    }
+    let none = PolicyFields::default();
+    let allowed: Vec<i16> = (min..=max)
+        .filter(|&v| judge(flow, key, v, client_id, &none).decision != Decision::Deny)
+        .collect();
+    Some((*allowed.first()?, *allowed.last()?))
 }
 
 fn with_detail(mut v: Verdict, detail: impl Into<String>) -> Verdict {
@@ -542,6 +678,8 @@ async fn send(
 /// rewritten, local answers in their place.
 async fn responses(
     shared: Arc<Shared>,
+    flow: Arc<Flow>,
+    judged: bool,
     mut rx: mpsc::Receiver<Pending>,
     broker: OwnedReadHalf,
     client: OwnedWriteHalf,
@@ -584,7 +722,7 @@ async fn responses(
                     bail!("broker answered correlation id {cid}, expected {correlation_id}");
                 }
                 let rest = size as u64 - 4;
-                if rewrite == Rewrite::None {
+                if matches!(rewrite, Rewrite::None) {
                     client.write_all(&head).await?;
                     let copied =
                         tokio::io::copy_buf(&mut (&mut broker).take(rest), &mut client).await?;
@@ -597,10 +735,50 @@ async fn responses(
                 body[..4].copy_from_slice(&head[4..]);
                 broker.read_exact(&mut body[4..]).await?;
                 let body = Bytes::from(body);
+                let mut map = |_node: i32, host: &str, port: i32| shared.route(host, port);
+                let brokers: Option<&mut dyn kp::BrokerMap> = match shared.fixed {
+                    Some(_) => Some(&mut map),
+                    None => None,
+                };
                 let out = match rewrite {
-                    Rewrite::ApiVersions => kp::cap_api_versions(api_version, body),
-                    _ => {
-                        let mut map = |_node: i32, host: &str, port: i32| shared.route(host, port);
+                    Rewrite::ApiVersions { client_id } => {
+                        let mut offer = |key: i16, min: i16, max: i16| {
+                            offer_versions(&flow, judged, client_id.as_deref(), key, min, max)
+                        };
+                        kp::cap_api_versions(api_version, body, &mut offer)
+                    }
+                    Rewrite::Merge(split) => kp::merge_denied(
+                        &split,
+                        api_version,
+                        body,
+                        kp::TOPIC_AUTHORIZATION_FAILED,
+                        brokers,
+                    ),
+                    Rewrite::Filter { header, verdict } => {
+                        let mut visible = |t: &str| {
+                            let one = PolicyFields {
+                                topics: vec![t.to_string()],
+                                expects_response: true,
+                                ..PolicyFields::default()
+                            };
+                            let v = judge(&flow, 3, api_version, header.client_id.as_deref(), &one);
+                            v.decision != Decision::Deny
+                        };
+                        kp::filter_metadata(api_version, body, &mut visible, brokers).map(
+                            |(frame, hidden)| {
+                                if !hidden.is_empty() {
+                                    let v = with_detail(
+                                        *verdict,
+                                        "hidden from the answer to a Metadata request for all topics",
+                                    );
+                                    let fields = kafka_fields(&header, hidden, Vec::new(), Vec::new(), None);
+                                    record(&shared, &flow, &v, Some(fields));
+                                }
+                                frame
+                            },
+                        )
+                    }
+                    Rewrite::Brokers | Rewrite::None => {
                         kp::rewrite_brokers(api_key, api_version, body, &mut map)
                     }
                 };

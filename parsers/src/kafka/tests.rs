@@ -367,7 +367,8 @@ fn api_versions_are_capped_to_what_tollgate_decodes() {
         3,
         &[(0, 3, 13), (1, 4, 18), (3, 0, 13), (18, 0, 4), (999, 0, 1)],
     );
-    let frame = cap_api_versions(3, body).unwrap();
+    let frame =
+        cap_api_versions(3, body, &mut |k, min, max| (k != 3).then_some((min, max))).unwrap();
     let (cid, r): (i32, ApiVersionsResponse) = client_decodes(ApiKey::ApiVersions, 3, &frame);
     assert_eq!(cid, 3);
     let got: Vec<(i16, i16, i16)> = r
@@ -375,7 +376,8 @@ fn api_versions_are_capped_to_what_tollgate_decodes() {
         .iter()
         .map(|k| (k.api_key, k.min_version, k.max_version))
         .collect();
-    assert_eq!(got, vec![(0, 3, 12), (1, 4, 12), (3, 0, 13), (18, 0, 4)]);
+    // Metadata (3) dropped by the offer callback; 999 unknown.
+    assert_eq!(got, vec![(0, 3, 12), (1, 4, 12), (18, 0, 4)]);
 }
 
 #[test]
@@ -389,7 +391,10 @@ fn an_unknown_api_versions_version_gets_the_kip_511_answer() {
     let mut fallback = ApiVersionsResponse::default();
     fallback.error_code = UNSUPPORTED_VERSION;
     let raw = encode_response(ApiKey::ApiVersions, 0, 8, &fallback).unwrap();
-    let capped = cap_api_versions(127, Bytes::copy_from_slice(&raw[4..])).unwrap();
+    let capped = cap_api_versions(127, Bytes::copy_from_slice(&raw[4..]), &mut |_, a, b| {
+        Some((a, b))
+    })
+    .unwrap();
     let (_, r): (i32, ApiVersionsResponse) = client_decodes(ApiKey::ApiVersions, 0, &capped);
     assert_eq!(r.error_code, UNSUPPORTED_VERSION);
 }
@@ -450,4 +455,88 @@ fn broker_addresses_are_rewritten_in_metadata_and_find_coordinator() {
             );
         }
     }
+}
+
+#[test]
+fn a_mixed_produce_is_split_and_the_denied_topics_answered_in_the_broker_response() {
+    let body = request_body(
+        ApiKey::Produce,
+        9,
+        31,
+        Some("c"),
+        &produce(&[("ok", &[0]), ("secret", &[0, 1])], -1, None),
+    );
+    let mut req = decode_request(body).unwrap();
+    let split = req.split_topics(&mut |t| t != "secret").unwrap();
+    assert_eq!(split.topics(), vec!["secret"]);
+    let forwarded = req.encode_frame().unwrap();
+    let again = decode_request(Bytes::copy_from_slice(&forwarded[4..])).unwrap();
+    assert_eq!(again.policy_fields().topics, vec!["ok"]);
+    assert_eq!(again.header.correlation_id, 31);
+    // The broker answers for "ok"; the merge adds "secret" with the error.
+    let mut resp = m::ProduceResponse::default();
+    let mut tr = m::produce_response::TopicProduceResponse::default();
+    tr.name = TopicName(sb("ok"));
+    tr.partition_responses
+        .push(m::produce_response::PartitionProduceResponse::default());
+    resp.responses.push(tr);
+    let raw = encode_response(ApiKey::Produce, 9, 31, &resp).unwrap();
+    let merged = merge_denied(&split, 9, Bytes::copy_from_slice(&raw[4..]), 29, None).unwrap();
+    let (cid, r): (i32, m::ProduceResponse) = client_decodes(ApiKey::Produce, 9, &merged);
+    assert_eq!(cid, 31);
+    let errs: Vec<(String, i16)> = r
+        .responses
+        .iter()
+        .flat_map(|t| {
+            t.partition_responses
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.error_code))
+        })
+        .collect();
+    assert_eq!(
+        errs,
+        vec![
+            ("ok".into(), 0),
+            ("secret".into(), 29),
+            ("secret".into(), 29)
+        ]
+    );
+    // Nothing to split when every topic (or none) is allowed.
+    let mut all = decode_request(request_body(
+        ApiKey::Produce,
+        9,
+        1,
+        None,
+        &produce(&[("a", &[0])], 1, None),
+    ))
+    .unwrap();
+    assert!(all.split_topics(&mut |_| true).is_none());
+    assert!(all.split_topics(&mut |_| false).is_none());
+    assert_eq!(all.policy_fields().topics, vec!["a"]);
+}
+
+#[test]
+fn metadata_for_all_topics_hides_what_the_client_may_not_see() {
+    let mut md = MetadataResponse::default();
+    for t in ["orders", "secret"] {
+        let mut tr = m::metadata_response::MetadataResponseTopic::default();
+        tr.name = Some(TopicName(sb(t)));
+        md.topics.push(tr);
+    }
+    let raw = encode_response(ApiKey::Metadata, 12, 4, &md).unwrap();
+    let (out, hidden) = filter_metadata(
+        12,
+        Bytes::copy_from_slice(&raw[4..]),
+        &mut |t| t == "orders",
+        None,
+    )
+    .unwrap();
+    assert_eq!(hidden, vec!["secret"]);
+    let (_, r): (i32, MetadataResponse) = client_decodes(ApiKey::Metadata, 12, &out);
+    let names: Vec<&str> = r
+        .topics
+        .iter()
+        .map(|t| t.name.as_ref().unwrap().0.as_str())
+        .collect();
+    assert_eq!(names, vec!["orders"]);
 }
