@@ -1,6 +1,7 @@
 //! `tollgate`: the one binary — policy tools today (`lint`, `eval`, `test`), the proxy, agent
 //! and datapath as their issues land.
 
+mod agent_cmd;
 mod crd_cmd;
 mod datapath_cmd;
 mod eval_cmd;
@@ -53,8 +54,12 @@ enum Command {
     /// Datapath + agent + proxy on this host from a policy directory and an endpoints
     /// inventory; reloads on file changes.
     Up(Box<up::UpArgs>),
-    /// Print the TollgatePolicy CustomResourceDefinition (generated from the Rust types).
-    Crd,
+    /// The agent from the Kubernetes API (`--kubernetes`): watch policies, pods and namespaces,
+    /// allocate identities, write status and events, compile each change (no datapath yet).
+    Agent(Box<agent_cmd::AgentArgs>),
+    /// Print tollgate's CustomResourceDefinitions (generated from the Rust types): all, or
+    /// the one of KIND (TollgatePolicy, TollgateIdentity).
+    Crd { kind: Option<String> },
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -92,13 +97,17 @@ fn main() -> ExitCode {
         Command::Test { paths, verbose } => policytest::run(paths, *verbose),
         Command::Datapath(cmd) => datapath_cmd::run(cmd),
         Command::Fqdn(cmd) => fqdn_cmd::run(cmd),
-        Command::Crd => crd_cmd::run(),
+        Command::Crd { kind } => crd_cmd::run(kind.as_deref()),
         Command::Proxy(args) => run_proxy(args),
         Command::Up(args) => {
             init_tracing();
             up::run(args)
         }
         Command::Observe(args) => observe::run(args),
+        Command::Agent(args) => {
+            init_tracing();
+            agent_cmd::run(args)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

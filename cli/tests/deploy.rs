@@ -1,5 +1,5 @@
-//! deploy/ stays true: the committed CRD is exactly what `tollgate crd` generates from the Rust
-//! types, its schema accepts every TollgatePolicy example of the repository and rejects
+//! deploy/ stays true: the committed CRDs are exactly what `tollgate crd` generates from the Rust
+//! types, the TollgatePolicy schema accepts every TollgatePolicy example of the repository and rejects
 //! wrongly typed ones, and the plain manifests are well-formed Kubernetes objects.
 
 use std::path::{Path, PathBuf};
@@ -9,21 +9,42 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-#[test]
-fn committed_crd_is_the_generated_one() {
+/// Every CRD: its kind and its committed file (the chart's `crds/` holds a copy of each).
+const CRDS: [(&str, &str); 2] = [
+    ("TollgatePolicy", "tollgate.io_tollgatepolicies.yaml"),
+    ("TollgateIdentity", "tollgate.io_tollgateidentities.yaml"),
+];
+
+fn tollgate_crd(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("crd")
+        .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let generated = String::from_utf8(out.stdout).unwrap();
-    let path = repo().join("deploy/crds/tollgate.io_tollgatepolicies.yaml");
-    let committed = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        generated == committed,
-        "{} differs from `tollgate crd`: run `cargo run -q -p tollgate -- crd > deploy/crds/tollgate.io_tollgatepolicies.yaml`",
-        path.display()
-    );
+    assert!(out.status.success(), "tollgate crd {args:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn committed_crds_are_the_generated_ones() {
+    let mut all = String::new();
+    for (kind, file) in CRDS {
+        let generated = tollgate_crd(&[kind]);
+        let path = repo().join("deploy/crds").join(file);
+        let committed = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            generated == committed,
+            "{} differs from `tollgate crd {kind}`: run `cargo run -q -p tollgate -- crd {kind} > deploy/crds/{file}`",
+            path.display()
+        );
+        all.push_str(&committed);
+    }
+    assert_eq!(tollgate_crd(&[]), all, "`tollgate crd` prints every CRD");
+    let unknown = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["crd", "Nope"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
 }
 
 fn rule_validator() -> jsonschema::Validator {
@@ -109,11 +130,11 @@ fn check_object(doc: &serde_json::Value) -> Result<(), String> {
 #[test]
 fn the_plain_manifests_and_the_crd_are_valid_kubernetes_objects() {
     let mut kinds = Vec::new();
-    for file in [
-        "deploy/manifests/tollgate.yaml",
-        "deploy/crds/tollgate.io_tollgatepolicies.yaml",
-    ] {
-        let src = std::fs::read_to_string(repo().join(file)).unwrap();
+    let files = ["deploy/manifests/tollgate.yaml".to_string()]
+        .into_iter()
+        .chain(CRDS.iter().map(|(_, f)| format!("deploy/crds/{f}")));
+    for file in files {
+        let src = std::fs::read_to_string(repo().join(&file)).unwrap();
         for doc in tollgate_policy::yaml::parse_documents(&src).unwrap() {
             if doc.value.is_null() {
                 continue;
@@ -135,12 +156,13 @@ fn the_plain_manifests_and_the_crd_are_valid_kubernetes_objects() {
 #[test]
 fn the_chart_carries_the_same_crd_and_parses() {
     let chart = repo().join("deploy/helm/tollgate");
-    assert_eq!(
-        std::fs::read_to_string(chart.join("crds/tollgate.io_tollgatepolicies.yaml")).unwrap(),
-        std::fs::read_to_string(repo().join("deploy/crds/tollgate.io_tollgatepolicies.yaml"))
-            .unwrap(),
-        "copy deploy/crds/tollgate.io_tollgatepolicies.yaml into the chart's crds/"
-    );
+    for (_, file) in CRDS {
+        assert_eq!(
+            std::fs::read_to_string(chart.join("crds").join(file)).unwrap(),
+            std::fs::read_to_string(repo().join("deploy/crds").join(file)).unwrap(),
+            "copy deploy/crds/{file} into the chart's crds/"
+        );
+    }
     let meta = tollgate_policy::yaml::parse_documents(
         &std::fs::read_to_string(chart.join("Chart.yaml")).unwrap(),
     )
@@ -265,4 +287,75 @@ fn the_grafana_dashboard_queries_only_metrics_the_proxy_registers() {
         }
     }
     assert!(seen >= 7);
+}
+
+/// The `rules:` block of the first ClusterRole in `text`, as lines.
+fn cluster_role_rules(text: &str) -> Vec<String> {
+    let start = text.find("kind: ClusterRole\n").expect("a ClusterRole");
+    let rest = &text[start..];
+    let rules = rest.find("rules:\n").expect("rules") + "rules:\n".len();
+    rest[rules..]
+        .lines()
+        .take_while(|l| l.starts_with("  ") || l.trim_start().starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_cluster_role_grants_what_the_agent_uses_and_no_more_where_it_writes() {
+    let manifests = std::fs::read_to_string(repo().join("deploy/manifests/tollgate.yaml")).unwrap();
+    let chart =
+        std::fs::read_to_string(repo().join("deploy/helm/tollgate/templates/rbac.yaml")).unwrap();
+    let rules = cluster_role_rules(&manifests);
+    assert_eq!(
+        rules,
+        cluster_role_rules(&chart),
+        "the chart's ClusterRole rules differ"
+    );
+    let doc = tollgate_policy::yaml::parse_documents(&format!("rules:\n{}\n", rules.join("\n")))
+        .unwrap()
+        .remove(0)
+        .value;
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let granted = |group: &str, resource: &str| -> Vec<String> {
+        let mut verbs = Vec::new();
+        for r in doc["rules"].as_array().unwrap() {
+            if strings(&r["apiGroups"]).iter().any(|g| g == group)
+                && strings(&r["resources"]).iter().any(|x| x == resource)
+            {
+                verbs.extend(strings(&r["verbs"]));
+            }
+        }
+        verbs
+    };
+    for (group, resource, verbs) in tollgate_agent::kubernetes::API_ACCESS {
+        let have = granted(group, resource);
+        for v in *verbs {
+            assert!(
+                have.iter().any(|h| h == v),
+                "{group}/{resource}: `{v}` not granted ({have:?})"
+            );
+        }
+        let writes = verbs
+            .iter()
+            .any(|v| ["create", "patch", "update", "delete"].contains(v));
+        if writes {
+            let extra: Vec<&String> = have
+                .iter()
+                .filter(|h| !verbs.contains(&h.as_str()))
+                .collect();
+            assert!(
+                extra.is_empty(),
+                "{group}/{resource}: {extra:?} granted but never used"
+            );
+        }
+    }
+    // The check itself sees a missing grant.
+    assert!(granted("tollgate.io", "no-such-resource").is_empty());
 }

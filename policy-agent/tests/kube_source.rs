@@ -9,39 +9,11 @@ mod fake_api;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_api::{FakeApi, eventually, namespace, pod, policy};
+use fake_api::{FakeApi, eventually, namespace, pod, policy, verdict};
 use serde_json::json;
 use tokio::sync::watch;
 use tollgate_agent::kubernetes::source::{self, Identities, Options, Running, Snapshot};
-use tollgate_policy::check::{PeerSpec, check};
-use tollgate_policy::eval::{Decision, L7Request};
-use tollgate_policy::l7::HttpRequest;
-use tollgate_policy::model::Protocol;
-
-/// The decision for `from` → `to`:`port` (an HTTP GET of `path`, if given).
-fn verdict(snap: &Snapshot, from: &str, to: &str, port: u16, path: Option<&str>) -> Decision {
-    let eval = snap.evaluator();
-    let req = path.map(|p| L7Request::Http {
-        request: HttpRequest {
-            method: "GET",
-            path: p,
-            host: "api",
-            headers: &[],
-        },
-        grpc: None,
-    });
-    check(
-        &eval,
-        &snap.inventory,
-        &PeerSpec::Endpoint(from.into()),
-        &PeerSpec::Endpoint(to.into()),
-        port,
-        Protocol::Tcp,
-        req.as_ref(),
-    )
-    .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"))
-    .decision
-}
+use tollgate_policy::eval::Decision;
 
 /// The newest snapshot once it satisfies `pred` (at most 10 s).
 async fn until(

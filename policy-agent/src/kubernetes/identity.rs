@@ -97,14 +97,21 @@ impl ClusterIdentities {
             .collect()
     }
 
-    /// The identity of `labels`, creating its object if there is none.
-    pub async fn allocate(&mut self, labels: &LabelSet) -> Result<u32> {
-        let want = security_labels(labels);
-        let live = self.live();
+    /// Forget recent allocations the store now shows (or that are too old); returns the
+    /// numbers in the store.
+    fn prune_recent(&mut self, live: &[(u32, std::sync::Arc<TollgateIdentity>)]) -> HashSet<u32> {
         let now = Instant::now();
         let in_store: HashSet<u32> = live.iter().map(|(n, _)| *n).collect();
         self.recent
             .retain(|n, (_, at)| !in_store.contains(n) && now.duration_since(*at) < RECENT_TTL);
+        in_store
+    }
+
+    /// The identity of `labels`, creating its object if there is none.
+    pub async fn allocate(&mut self, labels: &LabelSet) -> Result<u32> {
+        let want = security_labels(labels);
+        let live = self.live();
+        let in_store = self.prune_recent(&live);
         if let Some(n) = live
             .iter()
             .filter(|(_, o)| o.spec.security_labels == want)
@@ -177,7 +184,9 @@ impl ClusterIdentities {
     ) -> Result<Vec<u32>> {
         let mut deleted = Vec::new();
         let mut unused = HashSet::new();
-        for (n, obj) in self.live() {
+        let live = self.live();
+        self.prune_recent(&live);
+        for (n, obj) in live {
             let uid = obj.metadata.uid.clone().unwrap_or_default();
             if in_use.contains(&obj.spec.security_labels) || self.recent.contains_key(&n) {
                 continue;

@@ -15,3 +15,44 @@ pub mod identity;
 pub mod objects;
 pub mod source;
 pub mod status;
+
+/// Every (API group, resource, verbs) the Kubernetes source uses. The ClusterRole in `deploy/`
+/// grants these, and for the resources the agent writes nothing more (`cli/tests/deploy.rs`).
+pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
+    ("cilium.io", "ciliumnetworkpolicies", &["list", "watch"]),
+    (
+        "cilium.io",
+        "ciliumclusterwidenetworkpolicies",
+        &["list", "watch"],
+    ),
+    ("networking.k8s.io", "networkpolicies", &["list", "watch"]),
+    ("tollgate.io", "tollgatepolicies", &["list", "watch"]),
+    ("tollgate.io", "tollgatepolicies/status", &["patch"]),
+    (
+        "tollgate.io",
+        "tollgateidentities",
+        &["get", "list", "watch", "create", "delete"],
+    ),
+    ("", "pods", &["list", "watch"]),
+    ("", "namespaces", &["list", "watch"]),
+    ("", "events", &["create"]),
+];
+
+/// A client from `kubeconfig`, or else the usual places (in-cluster service account,
+/// `$KUBECONFIG`, `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::kube::Client> {
+    use anyhow::Context;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => ::kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    ::kube::Client::try_from(config).context("building the Kubernetes client")
+}

@@ -401,16 +401,29 @@ impl Loop {
     async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>, notify: Arc<Notify>) {
         let mut current = tx.borrow().clone();
         self.after_publish(&current).await;
+        // When to look for unused identities again: kept across wake-ups, so that a steady
+        // stream of changes cannot postpone garbage collection forever.
+        let mut gc_at: Option<tokio::time::Instant> = None;
         loop {
-            let gc_tick = match (&self.identities, &self.opts.identities) {
-                (Some(ids), Identities::Cluster { gc_grace }) if ids.gc_pending() => {
-                    (*gc_grace / 2).clamp(Duration::from_millis(10), Duration::from_secs(30))
+            if gc_at.is_none()
+                && let (Some(ids), Identities::Cluster { gc_grace }) =
+                    (&self.identities, &self.opts.identities)
+                && ids.gc_pending()
+            {
+                let tick =
+                    (*gc_grace / 2).clamp(Duration::from_millis(10), Duration::from_secs(30));
+                gc_at = Some(tokio::time::Instant::now() + tick);
+            }
+            let gc_due = async {
+                match gc_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
-                _ => Duration::from_secs(3600),
             };
             tokio::select! {
                 _ = notify.notified() => {}
-                _ = tokio::time::sleep(gc_tick) => {
+                _ = gc_due => {
+                    gc_at = None;
                     self.collect_garbage(&current.inventory).await;
                     continue;
                 }

@@ -74,6 +74,9 @@ pub struct StatusWriter {
     instance: String,
     /// Events already created (or found existing), by name.
     posted: HashSet<(String, String)>,
+    /// The condition last written per object (UID, generation): the watch may not have shown
+    /// our patch yet when the next recompile comes.
+    written: std::collections::HashMap<(String, i64), Value>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -91,13 +94,14 @@ impl StatusWriter {
             client,
             instance,
             posted: HashSet::new(),
+            written: Default::default(),
         }
     }
 
     /// Patch the `Valid` condition of the TollgatePolicy `obj` if it differs; `Ok(true)` when a
     /// patch was sent.
     pub async fn tollgate_policy(
-        &self,
+        &mut self,
         kind: &PolicyKind,
         obj: &DynamicObject,
         problems: &[String],
@@ -107,11 +111,20 @@ impl StatusWriter {
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == "Valid"));
         let same = |k: &str, c: &Value| c.get(k) == want.get(k);
-        if let Some(c) = current {
-            if ["status", "reason", "message", "observedGeneration"]
+        let equal = |c: &Value| {
+            ["status", "reason", "message", "observedGeneration"]
                 .iter()
                 .all(|k| same(k, c))
-            {
+        };
+        let key = (
+            obj.uid().unwrap_or_default(),
+            obj.metadata.generation.unwrap_or(0),
+        );
+        if self.written.get(&key).is_some_and(equal) {
+            return Ok(false);
+        }
+        if let Some(c) = current {
+            if equal(c) {
                 return Ok(false);
             }
             if same("status", c)
@@ -131,6 +144,9 @@ impl StatusWriter {
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .with_context(|| format!("writing the status of {}", kind.source_name(obj)))?;
+        // Older generations of this object will not be written again.
+        self.written.retain(|(uid, _), _| *uid != key.0);
+        self.written.insert(key, want);
         Ok(true)
     }
 

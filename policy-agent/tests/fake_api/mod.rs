@@ -18,7 +18,7 @@
 //!
 //! Kinds listed in [`FakeApi::start_serving`]'s `missing` are answered 404 (not served).
 //! Tests change objects directly ([`FakeApi::put`], [`FakeApi::atomically`]) and count requests
-//! ([`FakeApi::count`]).
+//! ([`FakeApi::count`]); [`verdict`] asks the evaluator about a snapshot, as `tollgate eval` does.
 
 #![allow(dead_code)]
 
@@ -34,6 +34,11 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+use tollgate_agent::kubernetes::source::Snapshot;
+use tollgate_policy::check::{PeerSpec, check};
+use tollgate_policy::eval::{Decision, L7Request};
+use tollgate_policy::l7::HttpRequest;
+use tollgate_policy::model::Protocol;
 
 /// A kind the fake serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -688,6 +693,31 @@ pub async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The decision for `from` → `to`:`port` (an HTTP GET of `path`, if given).
+pub fn verdict(snap: &Snapshot, from: &str, to: &str, port: u16, path: Option<&str>) -> Decision {
+    let eval = snap.evaluator();
+    let req = path.map(|p| L7Request::Http {
+        request: HttpRequest {
+            method: "GET",
+            path: p,
+            host: "api",
+            headers: &[],
+        },
+        grpc: None,
+    });
+    check(
+        &eval,
+        &snap.inventory,
+        &PeerSpec::Endpoint(from.into()),
+        &PeerSpec::Endpoint(to.into()),
+        port,
+        Protocol::Tcp,
+        req.as_ref(),
+    )
+    .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"))
+    .decision
 }
 
 // Object builders.
