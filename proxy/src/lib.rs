@@ -320,3 +320,9 @@ fn parse_to<'a>(to: &'a str, flag: &str) -> Result<(&'a str, SocketAddr)> {
         .with_context(|| format!("{flag} `{to}`: `{upstream}` is not an address"))?;
     Ok((name, upstream))
 }
+
+// The proxy decodes Kafka frames from any workload on the node: every binary linking it runs
+// under the allocator that keeps a hostile element count from aborting the process
+// (`tollgate_parsers::alloc`).
+#[global_allocator]
+static ALLOC: tollgate_parsers::alloc::LazyHugeAlloc = tollgate_parsers::alloc::LazyHugeAlloc;

@@ -540,3 +540,21 @@ fn metadata_for_all_topics_hides_what_the_client_may_not_see() {
         .collect();
     assert_eq!(names, vec!["orders"]);
 }
+
+/// Found while writing this parser: kafka-protocol reserves `Vec::with_capacity(count)` from
+/// the wire before decoding elements, so 14 bytes claiming 2^31-1 topics aborted the process
+/// (SIGABRT in this very test) until [`crate::alloc::LazyHugeAlloc`]. Now it is an error.
+#[test]
+fn a_request_claiming_two_billion_topics_is_an_error_not_an_abort() {
+    // Metadata v1: header (key 3, v1, correlation 1, null client id), topic count i32::MAX.
+    let body = Bytes::from_static(&[0, 3, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0x7f, 0xff, 0xff, 0xff]);
+    match decode_request(body) {
+        Err(KafkaError::Body { api, version, .. }) => assert_eq!((api, version), ("metadata", 1)),
+        other => panic!("{other:?}"),
+    }
+    // Flexible versions use varint counts: 2^32-2 elements.
+    let body = Bytes::from_static(&[
+        0, 3, 0, 12, 0, 0, 0, 1, 0xff, 0xff, 0, 0xff, 0xff, 0xff, 0xff, 0x0f,
+    ]);
+    assert!(decode_request(body).is_err());
+}
