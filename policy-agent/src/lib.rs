@@ -1,9 +1,16 @@
 //! The policy agent: turns policy and endpoints into enforcement.
 //!
-//! Today: [`plan`] compiles a policy set and an endpoints inventory into the kernel datapath's
-//! map contents (endpoints, ipcache, policy entries, redirects to the proxy), and [`apply`]
-//! writes a plan through the datapath loader. Sources (directory watch, Kubernetes), identity
-//! allocation across nodes and the rule-set stream to the proxy are the rest of issue 7.
+//! * [`plan`] compiles a policy set and an endpoints inventory into the kernel datapath's map
+//!   contents (endpoints, ipcache, policy entries, redirects to the proxy); [`apply`] writes a
+//!   plan, or the diff between two, through the datapath loader.
+//! * [`kubernetes`] is the Kubernetes source: watches the policy kinds, Pods and Namespaces and
+//!   turns them into the same inputs as a policy directory and inventory file, allocates
+//!   cluster-wide identities (`TollgateIdentity` objects), writes TollgatePolicy status and
+//!   events for the kinds we do not own.
+//! * [`crd`] generates the CRDs (`TollgatePolicy` from the policy types, `TollgateIdentity`).
+//!
+//! Not yet (issue 7): enforcement from the Kubernetes source (`tollgate up` reads files), the
+//! rule-set stream to a separate proxy process.
 
 pub mod apply;
 pub mod crd;

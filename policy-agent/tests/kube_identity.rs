@@ -174,3 +174,20 @@ async fn the_running_source_collects_the_identity_of_a_deleted_pod() {
     );
     assert!(fake.get("TollgateIdentity", "", &web.to_string()).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_identities_without_the_crd_are_a_clear_error() {
+    let fake = FakeApi::start_serving(&["tollgateidentities"]).await;
+    let opts = Options {
+        identities: Identities::Cluster {
+            gc_grace: Duration::from_secs(1),
+        },
+        ..Options::default()
+    };
+    let err = tokio::time::timeout(Duration::from_secs(10), source::start(fake.client(), opts))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("cluster identities need the TollgateIdentity CRD (deploy/crds/tollgate.io_tollgateidentities.yaml)"), "{msg}");
+}

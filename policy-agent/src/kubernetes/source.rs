@@ -198,13 +198,17 @@ impl Loop {
         }
     }
 
-    /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
-    async fn compile(&mut self) -> Result<Option<Snapshot>> {
-        let objects: Vec<(PolicyKind, Arc<DynamicObject>)> = self
-            .policies
+    /// Every policy object in the stores, with its kind.
+    fn policy_objects(&self) -> Vec<(PolicyKind, Arc<DynamicObject>)> {
+        self.policies
             .iter()
             .flat_map(|(k, s)| s.state().into_iter().map(move |o| (*k, o)))
-            .collect();
+            .collect()
+    }
+
+    /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
+    async fn compile(&mut self) -> Result<Option<Snapshot>> {
+        let objects = self.policy_objects();
         let sources = objects::policy_sources(objects.iter().map(|(k, o)| (*k, o.as_ref())));
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
@@ -264,11 +268,12 @@ impl Loop {
                 .or_default()
                 .push(objects::describe(d));
         }
-        let objects: Vec<(PolicyKind, Arc<DynamicObject>)> = self
-            .policies
-            .iter()
-            .flat_map(|(k, s)| s.state().into_iter().map(move |o| (*k, o)))
-            .collect();
+        let objects = self.policy_objects();
+        self.status.forget_others(
+            objects
+                .iter()
+                .filter_map(|(_, o)| o.metadata.uid.as_deref()),
+        );
         for (kind, obj) in objects {
             let problems = by_source
                 .get(kind.source_name(&obj).as_str())

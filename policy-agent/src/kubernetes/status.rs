@@ -98,6 +98,13 @@ impl StatusWriter {
         }
     }
 
+    /// Forget what was written for objects other than those with these UIDs (deleted ones).
+    pub fn forget_others<'a>(&mut self, uids: impl IntoIterator<Item = &'a str>) {
+        let live: HashSet<&str> = uids.into_iter().collect();
+        self.written
+            .retain(|(uid, _), _| live.contains(uid.as_str()));
+    }
+
     /// Patch the `Valid` condition of the TollgatePolicy `obj` if it differs; `Ok(true)` when a
     /// patch was sent.
     pub async fn tollgate_policy(
