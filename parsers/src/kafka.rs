@@ -583,6 +583,21 @@ impl Request {
     }
 }
 
+/// `frame`, if it decodes as the response a client of `key` v`version` reads. Rewritten
+/// broker responses go through this: the crate can decode input it then cannot encode back
+/// faithfully (an unknown tagged field numbered 2^31 or more), and such an answer is refused
+/// rather than sent malformed.
+fn verified(key: ApiKey, version: i16, frame: Vec<u8>) -> Result<Vec<u8>, KafkaError> {
+    match check_response(key as i16, version, &frame) {
+        Ok(_) => Ok(frame),
+        Err(e) => Err(KafkaError::Encode {
+            api: api_name(key as i16).unwrap_or("other"),
+            version,
+            reason: format!("the rewritten response does not decode: {e}"),
+        }),
+    }
+}
+
 /// Encode a response frame (size prefix, response header of the right version, body).
 pub fn encode_response<R: Encodable>(
     key: ApiKey,
@@ -999,7 +1014,11 @@ pub fn cap_api_versions(
             _ => false,
         }
     });
-    encode_response(ApiKey::ApiVersions, used, cid, &resp)
+    verified(
+        ApiKey::ApiVersions,
+        used,
+        encode_response(ApiKey::ApiVersions, used, cid, &resp)?,
+    )
 }
 
 /// Where brokers are reached through the proxy: given a broker's advertised host and port,
@@ -1042,7 +1061,7 @@ pub fn rewrite_brokers(
         ApiKey::Metadata => {
             let (cid, mut r) = decode_response::<MetadataResponse>(k, version, frame_body)?;
             remap_all(Some(map), &mut r);
-            encode_response(k, version, cid, &r)
+            verified(k, version, encode_response(k, version, cid, &r)?)
         }
         ApiKey::FindCoordinator => {
             let (cid, mut r) = decode_response::<FindCoordinatorResponse>(k, version, frame_body)?;
@@ -1054,14 +1073,14 @@ pub fn rewrite_brokers(
                     remap(map, c.node_id.0, &mut c.host, &mut c.port);
                 }
             }
-            encode_response(k, version, cid, &r)
+            verified(k, version, encode_response(k, version, cid, &r)?)
         }
         ApiKey::DescribeCluster => {
             let (cid, mut r) = decode_response::<DescribeClusterResponse>(k, version, frame_body)?;
             for b in &mut r.brokers {
                 remap(map, b.broker_id.0, &mut b.host, &mut b.port);
             }
-            encode_response(k, version, cid, &r)
+            verified(k, version, encode_response(k, version, cid, &r)?)
         }
         _ => Err(KafkaError::Body {
             api: api_name(key).unwrap_or("other"),
@@ -1208,7 +1227,11 @@ pub fn merge_denied(
                 }
                 r.responses.push(tr);
             }
-            encode_response(ApiKey::Produce, version, cid, &r)
+            verified(
+                ApiKey::Produce,
+                version,
+                encode_response(ApiKey::Produce, version, cid, &r)?,
+            )
         }
         SplitOff::Metadata(denied) => {
             let (cid, mut r) =
@@ -1221,7 +1244,11 @@ pub fn merge_denied(
                 r.topics.push(tr);
             }
             remap_all(brokers, &mut r);
-            encode_response(ApiKey::Metadata, version, cid, &r)
+            verified(
+                ApiKey::Metadata,
+                version,
+                encode_response(ApiKey::Metadata, version, cid, &r)?,
+            )
         }
     }
 }
@@ -1246,7 +1273,65 @@ pub fn filter_metadata(
         keep
     });
     remap_all(brokers, &mut r);
-    Ok((encode_response(ApiKey::Metadata, version, cid, &r)?, hidden))
+    let frame = encode_response(ApiKey::Metadata, version, cid, &r)?;
+    Ok((verified(ApiKey::Metadata, version, frame)?, hidden))
+}
+
+/// Decode a response frame (size prefix included) as the response of `key` v`version` a
+/// client would read, with nothing left over; its correlation id. What the fuzz targets and
+/// tests use to check that every answer tollgate writes is well-formed.
+pub fn check_response(key: i16, version: i16, frame: &[u8]) -> Result<i32, KafkaError> {
+    let k = ApiKey::try_from(key).map_err(|_| KafkaError::UnknownApiKey(key))?;
+    let bad = |reason: String| KafkaError::Body {
+        api: api_name(key).unwrap_or("other"),
+        version,
+        reason,
+    };
+    let size = frame
+        .get(..4)
+        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| bad("no size prefix".into()))?;
+    if usize::try_from(size).ok() != Some(frame.len() - 4) {
+        return Err(bad(format!(
+            "size prefix {size} for {} bytes",
+            frame.len() - 4
+        )));
+    }
+    let body = Bytes::copy_from_slice(&frame[4..]);
+    macro_rules! full {
+        ($ty:ty) => {{
+            let (cid, mut rest) = response_body(k, version, body)?;
+            <$ty>::decode(&mut rest, version).map_err(|e| bad(e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(bad(format!("{} bytes after the response", rest.len())));
+            }
+            Ok(cid)
+        }};
+    }
+    match k {
+        ApiKey::Produce => full!(m::ProduceResponse),
+        ApiKey::Fetch => full!(m::FetchResponse),
+        ApiKey::ListOffsets => full!(m::ListOffsetsResponse),
+        ApiKey::Metadata => full!(MetadataResponse),
+        ApiKey::OffsetCommit => full!(m::OffsetCommitResponse),
+        ApiKey::OffsetFetch => full!(m::OffsetFetchResponse),
+        ApiKey::FindCoordinator => full!(FindCoordinatorResponse),
+        ApiKey::JoinGroup => full!(m::JoinGroupResponse),
+        ApiKey::Heartbeat => full!(m::HeartbeatResponse),
+        ApiKey::LeaveGroup => full!(m::LeaveGroupResponse),
+        ApiKey::SyncGroup => full!(m::SyncGroupResponse),
+        ApiKey::DescribeGroups => full!(m::DescribeGroupsResponse),
+        ApiKey::ApiVersions => full!(ApiVersionsResponse),
+        ApiKey::CreateTopics => full!(m::CreateTopicsResponse),
+        ApiKey::DeleteTopics => full!(m::DeleteTopicsResponse),
+        ApiKey::InitProducerId => full!(m::InitProducerIdResponse),
+        ApiKey::AddPartitionsToTxn => full!(m::AddPartitionsToTxnResponse),
+        ApiKey::AddOffsetsToTxn => full!(m::AddOffsetsToTxnResponse),
+        ApiKey::EndTxn => full!(m::EndTxnResponse),
+        ApiKey::TxnOffsetCommit => full!(m::TxnOffsetCommitResponse),
+        ApiKey::DescribeCluster => full!(DescribeClusterResponse),
+        _ => Err(bad("not a response tollgate writes".into())),
+    }
 }
 
 /// The correlation id of a response frame body (its first four bytes in every header version).

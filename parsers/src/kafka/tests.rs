@@ -558,3 +558,18 @@ fn a_request_claiming_two_billion_topics_is_an_error_not_an_abort() {
     ]);
     assert!(decode_request(body).is_err());
 }
+
+/// Found by the kafka_response fuzz target: kafka-protocol decodes an unknown tagged field
+/// numbered 2^32-1 as tag -1 and then encodes a response that does not decode. A rewritten
+/// response is checked before it is sent; this one is refused (the proxy closes the
+/// connection) instead of reaching the client malformed.
+#[test]
+fn a_rewritten_response_that_would_not_decode_is_refused() {
+    let body: Vec<u8> = vec![
+        7, 0, 0, 0, 0, 36, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+        2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 255, 255, 255, 255, 255, 255, 255, 3, 0, 4, 1, 0, 0,
+        36, 0, 30, 0, 0, 0, 0,
+    ];
+    let r = cap_api_versions(4, Bytes::from(body), &mut |_, a, b| Some((a, b)));
+    assert!(matches!(r, Err(KafkaError::Encode { .. })), "{r:?}");
+}
