@@ -10,6 +10,8 @@
 //! through tollgate's Kafka listener are in `kafka/proxied.rs`.
 
 mod common;
+#[path = "kafka/proxied.rs"]
+mod proxied;
 
 use std::net::SocketAddr;
 

@@ -80,6 +80,16 @@ def err_name(e):
     msg = getattr(e, "message", None)  # kafka-python / aiokafka BrokerResponseError subclasses
     if isinstance(msg, str) and msg.isupper():
         return msg
+    # kafka-python wraps some broker errors: KafkaError('Unexpected error in
+    # InitProducerIdResponse: [Error 31] ClusterAuthorizationFailedError')
+    import re
+    m = re.search(r"\[Error (-?\d+)\]", str(e))
+    if m:
+        try:
+            from kafka.errors import for_code
+            return for_code(int(m.group(1))).message
+        except Exception:
+            return KAFKA_ERR.get(int(m.group(1)), type(e).__name__)
     return type(e).__name__
 
 
@@ -116,7 +126,10 @@ class RdStats:
         """Wait (bounded, 2 s) for one more statistics callback, so the figures are current."""
         n0, end = self.n, time.time() + 2
         while self.n == n0 and time.time() < end:
-            handle.poll(0.05)
+            try:
+                handle.poll(0.05)
+            except Exception:  # a fatal error (already reported) surfaces from poll() too
+                break
         if not self.last:
             return {}
         b = self.last.get("brokers", {}).values()
@@ -139,8 +152,12 @@ def rd_produce(a, p, topic, n, res, tag):
             bump(res.setdefault(m.topic(), {}), "delivered")
         else:
             bump(res.setdefault(m.topic(), {}).setdefault("errors", {}), e.name())
+    from confluent_kafka import KafkaException
     for i in range(n):
-        p.produce(topic, key=f"k{i}".encode(), value=f"{tag}-{i}".encode(), on_delivery=cb)
+        try:
+            p.produce(topic, key=f"k{i}".encode(), value=f"{tag}-{i}".encode(), on_delivery=cb)
+        except KafkaException as e:  # refused at once: the topic is already known to be denied
+            bump(res.setdefault(topic, {}).setdefault("errors", {}), err_name(e))
         p.poll(0)
 
 
@@ -298,7 +315,10 @@ def kp_produce_into(p, topic, n, res, tag, a):
 
 
 def kp_producer(a, **kw):
+    """kafka-python 3.x is idempotent by default (InitProducerId first, like the Java client
+    since 3.0); the plain produce scenario turns that off, the idempotent one turns it on."""
     from kafka import KafkaProducer
+    kw.setdefault("enable_idempotence", False)
     return KafkaProducer(bootstrap_servers=a.bootstrap, client_id=a.client_id, acks="all",
                          request_timeout_ms=int(a.timeout * 1000), max_block_ms=int(a.timeout * 1000),
                          retries=1, **kw)
@@ -385,7 +405,7 @@ def kafka_python_transactional(a):
     step = "init"
     p = None
     try:
-        p = kp_producer(a, transactional_id=a.txn_id)
+        p = kp_producer(a, transactional_id=a.txn_id, enable_idempotence=True)
         p.init_transactions()
         res["steps"]["init"] = "ok"
         step = "begin"
@@ -414,7 +434,8 @@ def kafka_python_transactional(a):
 # ---------------------------------------------------------------- aiokafka
 
 def aio_run(coro, a):
-    return asyncio.run(asyncio.wait_for(coro, a.timeout * 3 + 5))
+    # Each send has its own bound (a.timeout); the whole run gets room for a few of them.
+    return asyncio.run(asyncio.wait_for(coro, a.timeout * 10 + 5))
 
 
 async def aio_send(p, topic, n, res, tag, a):
@@ -479,7 +500,10 @@ def aiokafka_consume(a, commit=False):
             end = time.time() + a.timeout
             while res["consumed"] < a.n and time.time() < end:
                 try:
-                    batch = await c.getmany(timeout_ms=200, max_records=a.n - res["consumed"])
+                    # getmany() waits for an assignment before its own timeout counts: bound it.
+                    batch = await asyncio.wait_for(c.getmany(timeout_ms=200, max_records=a.n - res["consumed"]), 1)
+                except asyncio.TimeoutError:
+                    continue
                 except Exception as e:
                     bump(res["errors"], err_name(e))
                     res["exception"] = exc_info(e)
@@ -873,7 +897,7 @@ def main():
         print(json.dumps(OUT), flush=True)
         os._exit(3)
     signal.signal(signal.SIGALRM, watchdog)
-    signal.alarm(int(a.timeout * 6 + 15))
+    signal.alarm(int(a.timeout * 12 + 15))
     t0 = time.time()
     try:
         OUT.update(fn(a))
