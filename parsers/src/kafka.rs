@@ -282,6 +282,53 @@ pub fn has_deny_response(key: i16) -> bool {
     )
 }
 
+/// The API key × version matrix tollgate supports, as the Markdown table `docs/kafka.md`
+/// shows (a test keeps the two equal): every key the crate knows, the versions advertised
+/// to clients (after capping), whether the body is decoded for rules, and how a denial is
+/// answered.
+pub fn support_matrix_markdown() -> String {
+    let mut out = String::from(
+        "| key | API | versions offered | rules see | a denial is answered with |\n|---|---|---|---|---|\n",
+    );
+    for key in 0..=i16::MAX {
+        let Ok(k) = ApiKey::try_from(key) else {
+            if key > 200 {
+                break;
+            }
+            continue;
+        };
+        let (min, max) = supported_range(k);
+        let decoded = has_deny_response(key);
+        let sees = match k {
+            ApiKey::Produce | ApiKey::Metadata => {
+                "key, version, client id, topics (answered per topic)"
+            }
+            ApiKey::Fetch | ApiKey::ListOffsets | ApiKey::CreateTopics | ApiKey::DeleteTopics => {
+                "key, version, client id, topics"
+            }
+            ApiKey::OffsetCommit | ApiKey::OffsetFetch | ApiKey::TxnOffsetCommit => {
+                "key, version, client id, topics, group"
+            }
+            ApiKey::AddPartitionsToTxn => "key, version, client id, topics, transactional id",
+            ApiKey::AddOffsetsToTxn => "key, version, client id, group, transactional id",
+            ApiKey::FindCoordinator => "key, version, client id, group or transactional id",
+            ApiKey::InitProducerId | ApiKey::EndTxn => "key, version, client id, transactional id",
+            _ if decoded && !matches!(k, ApiKey::ApiVersions) => "key, version, client id, group",
+            _ => "key, version, client id",
+        };
+        let answer = if decoded {
+            "the API's error response"
+        } else {
+            "closing the connection (offered only to clients whose policy allows it)"
+        };
+        let name = format!("{k:?}");
+        out.push_str(&format!(
+            "| {key} | {name} | {min}–{max} | {sees} | {answer} |\n"
+        ));
+    }
+    out
+}
+
 /// A request whose body was decoded (for the keys policy or deny responses need), or only its
 /// header (every other key: no rule can name anything in their bodies).
 #[derive(Debug, Clone)]

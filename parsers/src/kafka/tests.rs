@@ -573,3 +573,23 @@ fn a_rewritten_response_that_would_not_decode_is_refused() {
     let r = cap_api_versions(4, Bytes::from(body), &mut |_, a, b| Some((a, b)));
     assert!(matches!(r, Err(KafkaError::Encode { .. })), "{r:?}");
 }
+
+/// docs/kafka.md shows the matrix the code supports; `UPDATE_DOCS=1 cargo test` rewrites it.
+#[test]
+fn the_documented_support_matrix_is_the_code_s() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/kafka.md");
+    let doc = std::fs::read_to_string(path).unwrap();
+    let (begin, end) = ("<!-- matrix:begin -->\n", "<!-- matrix:end -->");
+    let a = doc.find(begin).expect("matrix markers") + begin.len();
+    let b = doc.find(end).expect("matrix markers");
+    let want = support_matrix_markdown();
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        std::fs::write(path, format!("{}{want}{}", &doc[..a], &doc[b..])).unwrap();
+        return;
+    }
+    assert_eq!(
+        &doc[a..b],
+        want,
+        "docs/kafka.md is stale: run UPDATE_DOCS=1 cargo test -p tollgate-parsers"
+    );
+}
