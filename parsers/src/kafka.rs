@@ -670,6 +670,23 @@ pub fn encode_response<R: Encodable>(
     Ok(buf.to_vec())
 }
 
+/// The text a broker puts beside an authorization error, naming what was refused, so clients
+/// that print only the message (librdkafka for FindCoordinator) still say what happened.
+fn refusal_text(error: i16, subject: &str) -> String {
+    match error {
+        TOPIC_AUTHORIZATION_FAILED => {
+            format!("Not authorized to access topics: [{subject}] (tollgate)")
+        }
+        GROUP_AUTHORIZATION_FAILED => {
+            format!("Not authorized to access group: {subject} (tollgate)")
+        }
+        TRANSACTIONAL_ID_AUTHORIZATION_FAILED => {
+            format!("Transactional Id authorization failed: {subject} (tollgate)")
+        }
+        _ => "Cluster authorization failed (tollgate)".to_string(),
+    }
+}
+
 /// The response a broker with ACLs would send when it refuses `req`: the same API and version,
 /// the request's correlation id, `error` on every entry (topic/partition, group, transaction)
 /// or at the top. `Ok(None)`: the request gets no response (Produce with `acks=0`), or tollgate
@@ -813,12 +830,16 @@ pub fn deny_response(req: &Request, error: i16) -> Result<Option<Vec<u8>>, Kafka
                     c.node_id = BrokerId(-1);
                     c.port = -1;
                     c.error_code = error;
+                    c.error_message = Some(s(&refusal_text(error, k.as_str())));
                     resp.coordinators.push(c);
                 }
             } else {
                 resp.error_code = error;
                 resp.node_id = BrokerId(-1);
                 resp.port = -1;
+                if v >= 1 {
+                    resp.error_message = Some(s(&refusal_text(error, r.key.as_str())));
+                }
             }
             out!(ApiKey::FindCoordinator, resp)
         }
@@ -870,6 +891,9 @@ pub fn deny_response(req: &Request, error: i16) -> Result<Option<Vec<u8>>, Kafka
                 let mut tr = m::create_topics_response::CreatableTopicResult::default();
                 tr.name = t.name.clone();
                 tr.error_code = error;
+                if v >= 1 {
+                    tr.error_message = Some(s(&refusal_text(error, t.name.0.as_str())));
+                }
                 tr.num_partitions = -1;
                 tr.replication_factor = -1;
                 resp.topics.push(tr);
@@ -1147,7 +1171,9 @@ pub struct Split {
 #[derive(Debug, Clone)]
 enum SplitOff {
     Produce(Vec<m::produce_request::TopicProduceData>),
-    Metadata(Vec<m::metadata_request::MetadataRequestTopic>),
+    /// The denied topics, and the names of the topics that went on: a broker answering more
+    /// than was asked (tansu reads an empty list as "all") must not reveal the rest.
+    Metadata(Vec<m::metadata_request::MetadataRequestTopic>, Vec<String>),
 }
 
 impl Split {
@@ -1158,7 +1184,7 @@ impl Split {
                 .iter()
                 .map(|t| topic_or_id(Some(&t.name), &t.topic_id))
                 .collect(),
-            SplitOff::Metadata(t) => t
+            SplitOff::Metadata(t, _) => t
                 .iter()
                 .map(|t| topic_or_id(t.name.as_ref(), &t.topic_id))
                 .collect(),
@@ -1169,8 +1195,9 @@ impl Split {
 impl Request {
     /// Split off the topics `allowed` rejects, for a Produce or a Metadata request that names
     /// topics — the two requests a client mixes allowed and denied topics in, and where a
-    /// broker with ACLs answers per topic. `None` when nothing was split off, every topic was,
-    /// or the API has no per-topic answer (the request is then judged whole).
+    /// broker with ACLs answers per topic. `None` when nothing was split off, when every
+    /// topic of a Produce was, or the API has no per-topic answer (the request is then judged
+    /// whole). A Metadata request whose topics are all denied still goes on, asking for none.
     pub fn split_topics(&mut self, allowed: &mut dyn FnMut(&str) -> bool) -> Option<Split> {
         let v = self.header.api_version;
         match &mut self.body {
@@ -1193,13 +1220,19 @@ impl Request {
                 let (keep, deny): (Vec<_>, Vec<_>) = std::mem::take(topics)
                     .into_iter()
                     .partition(|t| allowed(&topic_or_id(t.name.as_ref(), &t.topic_id)));
-                if keep.is_empty() || deny.is_empty() {
+                // Even with every topic denied the request goes on (asking for no topics):
+                // clients need the brokers a Metadata answer lists to report the denial.
+                if deny.is_empty() {
                     *topics = keep.into_iter().chain(deny).collect();
                     return None;
                 }
+                let kept = keep
+                    .iter()
+                    .map(|t| topic_or_id(t.name.as_ref(), &t.topic_id))
+                    .collect();
                 *topics = keep;
                 Some(Split {
-                    denied: SplitOff::Metadata(deny),
+                    denied: SplitOff::Metadata(deny, kept),
                 })
             }
             _ => None,
@@ -1280,9 +1313,11 @@ pub fn merge_denied(
                 encode_response(ApiKey::Produce, version, cid, &r)?,
             )
         }
-        SplitOff::Metadata(denied) => {
+        SplitOff::Metadata(denied, kept) => {
             let (cid, mut r) =
                 decode_response::<MetadataResponse>(ApiKey::Metadata, version, frame_body)?;
+            r.topics
+                .retain(|t| kept.contains(&topic_or_id(t.name.as_ref(), &t.topic_id)));
             for t in denied {
                 let mut tr = m::metadata_response::MetadataResponseTopic::default();
                 tr.error_code = error;
