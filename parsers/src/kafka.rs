@@ -670,6 +670,38 @@ pub fn encode_response<R: Encodable>(
     Ok(buf.to_vec())
 }
 
+/// A Produce topic's answer with every partition refused `error`.
+fn refused_produce(
+    t: &m::produce_request::TopicProduceData,
+    error: i16,
+) -> m::produce_response::TopicProduceResponse {
+    let mut tr = m::produce_response::TopicProduceResponse::default();
+    tr.name = t.name.clone();
+    tr.topic_id = t.topic_id;
+    for p in &t.partition_data {
+        let mut pr = m::produce_response::PartitionProduceResponse::default();
+        pr.index = p.index;
+        pr.error_code = error;
+        pr.base_offset = -1;
+        pr.log_append_time_ms = -1;
+        pr.log_start_offset = -1;
+        tr.partition_responses.push(pr);
+    }
+    tr
+}
+
+/// A Metadata topic's answer refused `error`.
+fn refused_metadata(
+    t: &m::metadata_request::MetadataRequestTopic,
+    error: i16,
+) -> m::metadata_response::MetadataResponseTopic {
+    let mut tr = m::metadata_response::MetadataResponseTopic::default();
+    tr.error_code = error;
+    tr.name = t.name.clone();
+    tr.topic_id = t.topic_id;
+    tr
+}
+
 /// The text a broker puts beside an authorization error, naming what was refused, so clients
 /// that print only the message (librdkafka for FindCoordinator) still say what happened.
 fn refusal_text(error: i16, subject: &str) -> String {
@@ -707,21 +739,11 @@ pub fn deny_response(req: &Request, error: i16) -> Result<Option<Vec<u8>>, Kafka
                 return Ok(None);
             }
             let mut resp = m::ProduceResponse::default();
-            for t in &r.topic_data {
-                let mut tr = m::produce_response::TopicProduceResponse::default();
-                tr.name = t.name.clone();
-                tr.topic_id = t.topic_id;
-                for p in &t.partition_data {
-                    let mut pr = m::produce_response::PartitionProduceResponse::default();
-                    pr.index = p.index;
-                    pr.error_code = error;
-                    pr.base_offset = -1;
-                    pr.log_append_time_ms = -1;
-                    pr.log_start_offset = -1;
-                    tr.partition_responses.push(pr);
-                }
-                resp.responses.push(tr);
-            }
+            resp.responses = r
+                .topic_data
+                .iter()
+                .map(|t| refused_produce(t, error))
+                .collect();
             out!(ApiKey::Produce, resp)
         }
         Body::Fetch(r) => {
@@ -769,13 +791,12 @@ pub fn deny_response(req: &Request, error: i16) -> Result<Option<Vec<u8>>, Kafka
         Body::Metadata(r) => {
             let mut resp = MetadataResponse::default();
             resp.controller_id = BrokerId(-1);
-            for t in r.topics.iter().flatten() {
-                let mut tr = m::metadata_response::MetadataResponseTopic::default();
-                tr.error_code = error;
-                tr.name = t.name.clone();
-                tr.topic_id = t.topic_id;
-                resp.topics.push(tr);
-            }
+            resp.topics = r
+                .topics
+                .iter()
+                .flatten()
+                .map(|t| refused_metadata(t, error))
+                .collect();
             out!(ApiKey::Metadata, resp)
         }
         Body::OffsetCommit(r) => {
@@ -1292,21 +1313,8 @@ pub fn merge_denied(
         SplitOff::Produce(denied) => {
             let (cid, mut r) =
                 decode_response::<m::ProduceResponse>(ApiKey::Produce, version, frame_body)?;
-            for t in denied {
-                let mut tr = m::produce_response::TopicProduceResponse::default();
-                tr.name = t.name.clone();
-                tr.topic_id = t.topic_id;
-                for p in &t.partition_data {
-                    let mut pr = m::produce_response::PartitionProduceResponse::default();
-                    pr.index = p.index;
-                    pr.error_code = error;
-                    pr.base_offset = -1;
-                    pr.log_append_time_ms = -1;
-                    pr.log_start_offset = -1;
-                    tr.partition_responses.push(pr);
-                }
-                r.responses.push(tr);
-            }
+            r.responses
+                .extend(denied.iter().map(|t| refused_produce(t, error)));
             verified(
                 ApiKey::Produce,
                 version,
@@ -1318,13 +1326,8 @@ pub fn merge_denied(
                 decode_response::<MetadataResponse>(ApiKey::Metadata, version, frame_body)?;
             r.topics
                 .retain(|t| kept.contains(&topic_or_id(t.name.as_ref(), &t.topic_id)));
-            for t in denied {
-                let mut tr = m::metadata_response::MetadataResponseTopic::default();
-                tr.error_code = error;
-                tr.name = t.name.clone();
-                tr.topic_id = t.topic_id;
-                r.topics.push(tr);
-            }
+            r.topics
+                .extend(denied.iter().map(|t| refused_metadata(t, error)));
             remap_all(brokers, &mut r);
             verified(
                 ApiKey::Metadata,
