@@ -246,3 +246,38 @@ pub fn kafka_create_topics(bootstrap: std::net::SocketAddr, topics: &[&str], par
         assert_eq!(v["partitions"][t], partitions, "partitions of {t}: {v}");
     }
 }
+
+/// [`kafka_client`], run inside network namespace `netns` (`ip netns exec`), the whole run
+/// also bounded by `timeout(1)` (the script has its own watchdog; this is the backstop).
+pub fn kafka_client_in(
+    netns: &str,
+    scenario: &str,
+    bootstrap: std::net::SocketAddr,
+    args: &[&str],
+) -> serde_json::Value {
+    let py = need_kafka_clients();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka/clients.py");
+    let out = Command::new("timeout")
+        .args(["-k", "5", "150", "ip", "netns", "exec", netns])
+        .arg(py)
+        .arg(script)
+        .arg(scenario)
+        .args(["--bootstrap", &bootstrap.to_string()])
+        .args(args)
+        .env("TOLLGATE_PEERS", peers_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "clients.py {scenario} {args:?} in {netns} printed no JSON (exit {:?}); stderr: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).unwrap()
+}
