@@ -705,20 +705,19 @@ fn match_l7<'l>(
 
 fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction) -> Verdict {
     let mut compiled = Vec::new();
-    let mut origin: Vec<(&Candidate, String)> = Vec::new();
+    let mut origin: Vec<(&Candidate, &String)> = Vec::new();
     for c in allows {
         if let Some(PortRule {
             l7: L7::Kafka(l), ..
         }) = &c.port_rule
         {
             for (i, r) in l.set.rules().iter().enumerate() {
-                compiled.push(r.clone());
-                origin.push((c, l.rules[i].0.clone()));
+                compiled.push(r);
+                origin.push((c, &l.rules[i].0));
             }
         }
     }
-    let set = l7::KafkaRuleSet::new(compiled);
-    let out = set.evaluate(req);
+    let out = l7::evaluate_kafka_rules(&compiled, req);
     if out.allowed {
         let (c, path) = match out.allow_rules.first() {
             Some(&i) => (origin[i].0, Some(origin[i].1.clone())),

@@ -289,82 +289,88 @@ impl KafkaRuleSet {
     }
 
     pub fn evaluate(&self, req: &KafkaRequest<'_>) -> KafkaOutcome {
-        let extracted = TOPIC_EXTRACTED.contains(&req.api_key);
-        let bearing = TOPIC_BEARING.contains(&req.api_key);
-        let mut topics: Vec<&str> = req.topics.to_vec();
-        topics.sort_unstable();
-        topics.dedup();
+        let rules: Vec<&CompiledKafkaRule> = self.rules.iter().collect();
+        evaluate_rules(&rules, req)
+    }
+}
 
-        let deny_rule = self.rules.iter().position(|r| {
-            r.deny
-                && r.matches_request(req)
-                && match &r.topic {
-                    None => true,
-                    Some(t) => extracted && topics.iter().any(|x| glob_match(t, x)),
-                }
-        });
-        if deny_rule.is_some() {
-            return KafkaOutcome {
-                deny_rule,
-                uncovered_topics: topics.iter().map(|t| t.to_string()).collect(),
-                ..Default::default()
-            };
-        }
-        let candidates: Vec<usize> = (0..self.rules.len())
-            .filter(|&i| !self.rules[i].deny && self.rules[i].matches_request(req))
-            .collect();
-        // A matching rule without a topic allows the whole request, topics or not.
-        if let Some(&i) = candidates.iter().find(|&&i| self.rules[i].topic.is_none()) {
-            return KafkaOutcome {
+/// [`KafkaRuleSet::evaluate`] over borrowed rules (the evaluator's set cover spans the rules of
+/// several entries; borrowing them costs no copy per request). Indices in the outcome are into
+/// `rules`.
+pub fn evaluate_rules(rules: &[&CompiledKafkaRule], req: &KafkaRequest<'_>) -> KafkaOutcome {
+    let extracted = TOPIC_EXTRACTED.contains(&req.api_key);
+    let bearing = TOPIC_BEARING.contains(&req.api_key);
+    let mut topics: Vec<&str> = req.topics.to_vec();
+    topics.sort_unstable();
+    topics.dedup();
+
+    let deny_rule = rules.iter().position(|r| {
+        r.deny
+            && r.matches_request(req)
+            && match &r.topic {
+                None => true,
+                Some(t) => extracted && topics.iter().any(|x| glob_match(t, x)),
+            }
+    });
+    if deny_rule.is_some() {
+        return KafkaOutcome {
+            deny_rule,
+            uncovered_topics: topics.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+    }
+    let candidates: Vec<usize> = (0..rules.len())
+        .filter(|&i| !rules[i].deny && rules[i].matches_request(req))
+        .collect();
+    // A matching rule without a topic allows the whole request, topics or not.
+    if let Some(&i) = candidates.iter().find(|&&i| rules[i].topic.is_none()) {
+        return KafkaOutcome {
+            allowed: true,
+            allow_rules: vec![i],
+            ..Default::default()
+        };
+    }
+    if !bearing {
+        // Topic-less keys ignore the rule's topic (§8.3).
+        return match candidates.first() {
+            Some(&i) => KafkaOutcome {
                 allowed: true,
                 allow_rules: vec![i],
                 ..Default::default()
-            };
-        }
-        if !bearing {
-            // Topic-less keys ignore the rule's topic (§8.3).
-            return match candidates.first() {
-                Some(&i) => KafkaOutcome {
-                    allowed: true,
-                    allow_rules: vec![i],
-                    ..Default::default()
-                },
-                None => KafkaOutcome::default(),
-            };
-        }
-        if !extracted || topics.is_empty() {
-            return KafkaOutcome {
-                uncovered_topics: topics.iter().map(|t| t.to_string()).collect(),
-                ..Default::default()
-            };
-        }
-        let mut used = Vec::new();
-        let mut uncovered = Vec::new();
-        for t in &topics {
-            match candidates.iter().find(|&&i| {
-                self.rules[i]
-                    .topic
-                    .as_deref()
-                    .is_some_and(|p| glob_match(p, t))
-            }) {
-                Some(&i) => {
-                    if !used.contains(&i) {
-                        used.push(i);
-                    }
-                }
-                None => uncovered.push(t.to_string()),
-            }
-        }
-        KafkaOutcome {
-            allowed: uncovered.is_empty(),
-            deny_rule: None,
-            allow_rules: if uncovered.is_empty() {
-                used
-            } else {
-                Vec::new()
             },
-            uncovered_topics: uncovered,
+            None => KafkaOutcome::default(),
+        };
+    }
+    if !extracted || topics.is_empty() {
+        return KafkaOutcome {
+            uncovered_topics: topics.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+    }
+    let mut used = Vec::new();
+    let mut uncovered = Vec::new();
+    for t in &topics {
+        match candidates
+            .iter()
+            .find(|&&i| rules[i].topic.as_deref().is_some_and(|p| glob_match(p, t)))
+        {
+            Some(&i) => {
+                if !used.contains(&i) {
+                    used.push(i);
+                }
+            }
+            None => uncovered.push(t.to_string()),
         }
+    }
+    KafkaOutcome {
+        allowed: uncovered.is_empty(),
+        deny_rule: None,
+        allow_rules: if uncovered.is_empty() {
+            used
+        } else {
+            Vec::new()
+        },
+        uncovered_topics: uncovered,
     }
 }
 

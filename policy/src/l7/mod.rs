@@ -20,8 +20,8 @@ pub use http::{
     CompiledHttpRule, HeaderEdit, HeaderEditAction, HttpRequest, HttpRuleSet, compile_http_rule,
 };
 pub use kafka::{
-    CompiledKafkaRule, KafkaOutcome, KafkaRequest, KafkaRuleSet, compile_kafka_rule, kafka_api_key,
-    kafka_api_key_name,
+    CompiledKafkaRule, KafkaOutcome, KafkaRequest, KafkaRuleSet, compile_kafka_rule,
+    evaluate_rules as evaluate_kafka_rules, kafka_api_key, kafka_api_key_name,
 };
 pub use sni::ServerNamePattern;
 
