@@ -3,10 +3,14 @@
 # then replay the grown corpus with `cargo fuzz coverage` and report llvm-cov's region and line
 # coverage of the source files that target is about. Not part of CI (it takes minutes).
 #
-# usage: scripts/fuzz-coverage.sh [SECONDS]      (default 60; run scripts/setup-fuzz.sh first)
+# usage: scripts/fuzz-coverage.sh [SECONDS [TARGET...]]   (default 60 s, every target; run
+#        scripts/setup-fuzz.sh first)
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
 cov="$(rustc +nightly --print sysroot)/lib/rustlib/$triple/bin/llvm-cov"
 [ -x "$cov" ] || { echo "llvm-cov missing: run scripts/setup-fuzz.sh" >&2; exit 1; }
@@ -16,12 +20,14 @@ sources() {
     tls_client_hello) echo ../parsers/src/tls.rs ;;
     dns_message) echo ../parsers/src/dns.rs ;;
     http1_framing) echo ../parsers/src/http1.rs ;;
+    grpc_path) echo ../parsers/src/grpc.rs ;;
+    kafka_request | kafka_response) echo ../parsers/src/kafka.rs ;;
     policy_load) echo ../policy/src/load.rs ../policy/src/model.rs ../policy/src/yaml.rs ;;
     *) echo "" ;;
   esac
 }
 printf '| target | seconds | corpus after | regions covered | lines covered | sources |\n|---|---|---|---|---|---|\n'
-for t in $(cargo +nightly fuzz list); do
+for t in "${targets[@]}"; do
   work=$(mktemp -d)
   cp -r "corpus/$t/." "$work/"
   cargo +nightly fuzz run -O "$t" "$work" -- -max_total_time="$secs" -rss_limit_mb=2048 >/dev/null 2>&1
