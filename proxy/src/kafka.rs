@@ -200,6 +200,8 @@ enum Pending {
         api_version: i16,
         correlation_id: i32,
         rewrite: Rewrite,
+        /// When the request arrived (its round trip is the `kafka` latency metric).
+        started: std::time::Instant,
     },
     /// The proxy answers it (a denial, or the KIP-511 answer).
     Local(Vec<u8>),
@@ -370,12 +372,14 @@ impl Requests<'_> {
             req.header.correlation_id,
         );
         let expects_response = fields.expects_response;
+        let started = std::time::Instant::now();
         let pending_with = |rewrite| {
             expects_response.then_some(Pending::Broker {
                 api_key,
                 api_version,
                 correlation_id,
                 rewrite,
+                started,
             })
         };
         if !self.judged {
@@ -706,6 +710,7 @@ async fn responses(
                 api_version,
                 correlation_id,
                 rewrite,
+                started,
             } => {
                 if broker.buffer().is_empty() {
                     // The next response is not here yet: hand the client what it has.
@@ -729,6 +734,7 @@ async fn responses(
                     if copied != rest {
                         bail!("broker closed inside a response");
                     }
+                    shared.metrics.observe_duration("kafka", started.elapsed());
                     continue;
                 }
                 let mut body = vec![0u8; size as usize];
@@ -782,6 +788,7 @@ async fn responses(
                         kp::rewrite_brokers(api_key, api_version, body, &mut map)
                     }
                 };
+                shared.metrics.observe_duration("kafka", started.elapsed());
                 match out {
                     Ok(frame) => client.write_all(&frame).await?,
                     // Passing it on unchanged would let the client reach the broker around
