@@ -2,8 +2,9 @@
 # Part 3 of the demo (root): sidecarless enforcement for real. Each "pod" is a network
 # namespace with a veth into a node namespace; `tollgate up` attaches the eBPF datapath to the
 # pods' veths, redirects HTTP and DNS flows that have L7 rules to its proxy, and enforces
-# conformance/policies/gateway plus a DNS policy. The pods send real requests (curl, dig); the
-# audit records are shown with `tollgate observe`, then everything is removed.
+# conformance/policies/gateway plus a DNS policy and Kafka rules (a real tansu broker in a "kafka"
+# pod, when scripts/setup-proxy.sh installed it). The pods send real requests (curl, dig, kcat);
+# the audit records are shown with `tollgate observe`, then everything is removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/demo-live.sh needs root (network namespaces, eBPF)"; exit 0; }
@@ -14,7 +15,12 @@ NODE=tgd$ID-node
 PIN=/sys/fs/bpf/tollgate-demo-$ID
 work=$(mktemp -d)
 pids=()
-pods=(frontend api-server admin unauthorized resolver)
+pods=(frontend api-server admin unauthorized resolver kafka billing)
+# Kafka: the broker (tansu) and clients (kcat, confluent-kafka) of the peers test bed.
+FEAS=${FEAS:-/tmp/tollgate-peers}
+tansu=$FEAS/opt/bin/tansu; py=$FEAS/venv/bin/python; kcat=$(cd .. && pwd)/shared/peers/kcat.sh
+kafka_ok=1 kafka_why="tansu, kcat or confluent-kafka is missing: run scripts/setup-proxy.sh"
+{ [ -x "$tansu" ] && [ -x "$kcat" ] && "$py" -c "import confluent_kafka" 2>/dev/null; } || kafka_ok=0
 
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -46,12 +52,14 @@ ip -n "$NODE" link set lo up
       admin) labels="{app: admin, role: ops}" ;;
       unauthorized) labels="{app: intruder}" ;;
       resolver) labels="{k8s-app: kube-dns}" ;;
+      kafka) labels="{app: kafka}" ;;
+      billing) labels="{app: billing}" ;;
     esac
     nsname=prod; [ "$p" = resolver ] && nsname=kube-system
     echo "  - {name: $p, namespace: $nsname, labels: $labels, ips: [10.210.$i.2], interface: $ifn}"
   done
 } > "$work/endpoints.yaml"
-api=10.210.2.2; dns=10.210.5.2
+api=10.210.2.2; dns=10.210.5.2; kafka=10.210.6.2
 cat "$work/endpoints.yaml"
 
 # The api-server: a real HTTP server with the paths the gateway policy talks about.
@@ -70,6 +78,28 @@ for _ in $(seq 50); do
   ip netns exec "tgd$ID-api-server" curl -s -o /dev/null "http://$api:8080/public/index.html" && break
   sleep 0.1
 done
+# The kafka pod: tansu on the pod's own address (in memory; it creates no topic by itself, so the
+# topics are created here, inside the pod, straight at the broker).
+if [ $kafka_ok = 1 ]; then
+  ip netns exec "tgd$ID-kafka" env RUST_LOG=warn "$tansu" broker --cluster-id demo \
+    --listener-url "tcp://$kafka:9092" --advertised-listener-url "tcp://$kafka:9092" \
+    --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 & pids+=($!)
+  for _ in $(seq 50); do
+    ip netns exec "tgd$ID-kafka" timeout 1 bash -c "exec 3<>/dev/tcp/$kafka/9092" 2>/dev/null && break
+    sleep 0.1
+  done
+  ip netns exec "tgd$ID-kafka" timeout 30 "$py" - "$kafka:9092" <<'EOF' \
+    || { kafka_ok=0; kafka_why="the broker did not start or create its topics: $(tail -c 300 "$work/tansu.log")"; }
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({"bootstrap.servers": sys.argv[1]})
+fs = a.create_topics([NewTopic(t, num_partitions=1, replication_factor=1)
+                      for t in ("orders-eu", "orders-secret", "payments")], request_timeout=10)
+for t, f in fs.items():
+    f.result(15)
+print("kafka pod: tansu on %s, topics %s" % (sys.argv[1], ", ".join(sorted(fs))))
+EOF
+fi
 mkdir "$work/policies"
 cp conformance/policies/gateway/policies.yaml "$work/policies/gateway.yaml"
 cat > "$work/policies/dns.yaml" <<'EOF'
@@ -85,6 +115,25 @@ spec:
     - ports: [{port: "53", protocol: ANY}]
       rules:
         dns: [{matchPattern: "*.example.com"}]
+EOF
+cat > "$work/policies/kafka.yaml" <<'EOF'
+apiVersion: tollgate.io/v1alpha1
+kind: TollgatePolicy
+metadata: {name: orders-kafka, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: kafka}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: billing}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules:
+        kafka:
+        - {role: produce, topic: "orders-*"}
+        - {role: consume, topic: "orders-*", groupID: "billing-*"}
+        # Fetch and ListOffsets name no consumer group, so the groupID rule cannot cover them.
+        - {apiKey: fetch, topic: "orders-*"}
+        - {apiKey: listoffsets, topic: "orders-*"}
+        - {topic: orders-secret, action: deny}
 EOF
 say "\$ tollgate up --policies policies/ --endpoints endpoints.yaml   (in the node namespace)"
 nsenter --net="/run/netns/$NODE" "$tg" up --policies "$work/policies" --endpoints "$work/endpoints.yaml" \
@@ -113,6 +162,34 @@ for name in api.example.com evil.example.org; do
   ip netns exec "tgd$ID-frontend" dig +tries=1 +time=2 +noall +comments @$dns "$name" \
     | grep -o 'status: [A-Z]*' || echo "no answer"
 done
+if [ $kafka_ok = 1 ]; then
+  say "Kafka from the billing pod to the broker (its ingress rules are Kafka rules; kcat on confluent-kafka's librdkafka):"
+  sed -n '/^  ingress:/,$p' "$work/policies/kafka.yaml"
+  kc() { # pod kcat-args... : what kcat printed (errors included) and its exit status, bounded
+    local pod=$1 rc=0; shift
+    ip netns exec "tgd$ID-$pod" timeout 15 "$kcat" -b "$kafka:9092" -X client.id="$pod" \
+      -X socket.timeout.ms=4000 "$@" >"$work/kcat.out" 2>&1 || rc=$?
+    { grep -v '|OFFSET|' "$work/kcat.out" || true; } | head -8 | sed 's/^/      /'
+    echo "      (kcat exit $rc)"
+  }
+  for t in orders-eu payments orders-secret; do
+    echo "  billing: kcat -P -t $t   (3 messages)"
+    printf 'm1\nm2\nm3\n' | kc billing -P -t "$t" -X message.timeout.ms=4000
+  done
+  for g in billing-eu analytics; do
+    echo "  billing: kcat -G $g orders-eu   (consumer group, until the end of the topic)"
+    kc billing -G "$g" -X auto.offset.reset=earliest -e orders-eu
+  done
+  printf '  unauthorized -> kafka %s:9092 (no rule for it: dropped in the kernel) -> ' "$kafka"
+  if ip netns exec "tgd$ID-unauthorized" timeout 2 bash -c "exec 3<>/dev/tcp/$kafka/9092" 2>/dev/null; then
+    echo connected; else echo "no connection"; fi
+  echo "  what the broker holds (read inside the kafka pod, not through tollgate):"
+  for t in orders-eu payments orders-secret; do
+    n=$(ip netns exec "tgd$ID-kafka" timeout 15 "$kcat" -b "$kafka:9092" -C -t "$t" -o beginning -e -q \
+      -X socket.timeout.ms=4000 2>/dev/null | wc -l || true)
+    echo "      $t: $n messages"
+  done
+fi
 say "The frontend's egress is enforced in the kernel: it may reach the api-server and the resolver, nothing else:"
 printf '  frontend -> admin 10.210.3.2:22 -> '
 show "$(ip netns exec "tgd$ID-frontend" curl -s --connect-timeout 1 "http://10.210.3.2:22" \
@@ -120,5 +197,21 @@ show "$(ip netns exec "tgd$ID-frontend" curl -s --connect-timeout 1 "http://10.2
 sleep 1
 say "\$ tollgate observe -f audit.jsonl"
 "$tg" observe -f "$work/audit.jsonl" || true
+if [ $kafka_ok = 1 ]; then
+  say "\$ tollgate observe -f audit.jsonl --protocol kafka -o json   (the Kafka fields of each record)"
+  "$tg" observe -f "$work/audit.jsonl" --protocol kafka -o json >"$work/kafka.jsonl" || true
+  python3 - "$work/kafka.jsonl" <<'EOF' || true
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    k, s, d = r.get("kafka", {}), r["source"], r["destination"]
+    what = " ".join(f"{f}={','.join(k[f])}" for f in ("topics", "groups") if k.get(f))
+    err = f"error_code={k['error_code']}" if "error_code" in k else f"({r.get('detail', 'no answer')})"
+    print(f"  {r['verdict']} {s.get('name')} {s['ip']} -> {d.get('name')} {d['ip']}:{d['port']}"
+          f"  {k.get('api_key')} v{k.get('api_version')} {what} {err}  [{r['reason']}] {r.get('rule', '')}")
+EOF
+else
+  say "(Kafka part skipped: $kafka_why)"
+fi
 say "\$ tollgate datapath status"
 nsenter --net="/run/netns/$NODE" "$tg" datapath status --pin-root "$PIN" | head -30 || true
