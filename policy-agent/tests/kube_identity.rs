@@ -157,12 +157,20 @@ async fn the_running_source_collects_the_identity_of_a_deleted_pod() {
     assert_eq!(fake.list("TollgateIdentity").len(), 2);
     let t = Instant::now();
     fake.remove("Pod", "prod", "batch");
-    eventually(10, "the batch identity to be collected", || {
-        fake.get("TollgateIdentity", "", &batch.to_string())
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake
+        .get("TollgateIdentity", "", &batch.to_string())
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the batch identity was not collected within 10 s; revision {}, endpoints {}, write errors {:?}",
+            running.snapshots.borrow().revision,
+            running.snapshots.borrow().inventory.endpoints.len(),
+            running.write_errors.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let took = t.elapsed();
     eprintln!(
         "pod deleted → identity collected: {:.0} ms (grace 200 ms)",

@@ -109,31 +109,62 @@ impl ClusterIdentities {
 
     /// The identity of `labels`, creating its object if there is none.
     pub async fn allocate(&mut self, labels: &LabelSet) -> Result<u32> {
-        let want = security_labels(labels);
+        let mut ids = self.allocate_all(&[labels]).await?;
+        ids.remove(labels)
+            .with_context(|| format!("no identity for {labels}"))
+    }
+
+    /// The identities of `sets` (see the module docs): the store is read once, and numbers
+    /// are handed out from one moving candidate, so a thousand new label sets cost a thousand
+    /// creates, not a million look-ups.
+    pub async fn allocate_all(&mut self, sets: &[&LabelSet]) -> Result<HashMap<LabelSet, u32>> {
         let live = self.live();
-        let in_store = self.prune_recent(&live);
-        if let Some(n) = live
-            .iter()
-            .filter(|(_, o)| o.spec.security_labels == want)
-            .map(|(n, _)| *n)
-            .min()
-        {
-            return Ok(n);
-        }
-        if let Some((n, _)) = self.recent.iter().find(|(_, (l, _))| *l == want) {
-            return Ok(*n);
-        }
-        let mut taken: BTreeSet<u32> = in_store.into_iter().collect();
+        let mut taken: BTreeSet<u32> = self.prune_recent(&live).into_iter().collect();
         taken.extend(self.recent.keys());
+        let mut known: HashMap<BTreeMap<String, String>, u32> = HashMap::new();
+        for (n, o) in &live {
+            let e = known.entry(o.spec.security_labels.clone()).or_insert(*n);
+            *e = (*e).min(*n);
+        }
+        for (n, (l, _)) in &self.recent {
+            known.entry(l.clone()).or_insert(*n);
+        }
+        let mut out = HashMap::new();
         let mut candidate = FIRST_CLUSTER_IDENTITY;
+        for labels in sets {
+            let want = security_labels(labels);
+            let n = match known.get(&want) {
+                Some(n) => *n,
+                None => {
+                    let n = self
+                        .create(labels, &want, &mut taken, &mut candidate)
+                        .await?;
+                    known.insert(want, n);
+                    n
+                }
+            };
+            out.insert((*labels).clone(), n);
+        }
+        Ok(out)
+    }
+
+    /// Create the object for `want` with the smallest free number from `candidate` on.
+    async fn create(
+        &mut self,
+        labels: &LabelSet,
+        want: &BTreeMap<String, String>,
+        taken: &mut BTreeSet<u32>,
+        candidate: &mut u32,
+    ) -> Result<u32> {
         for _ in 0..MAX_ATTEMPTS {
-            while taken.contains(&candidate) {
-                candidate += 1;
+            while taken.contains(candidate) {
+                *candidate += 1;
             }
-            if candidate > LAST_CLUSTER_IDENTITY {
+            if *candidate > LAST_CLUSTER_IDENTITY {
                 bail!("no free cluster identity left for {labels}");
             }
-            let name = candidate.to_string();
+            let n = *candidate;
+            let name = n.to_string();
             let obj = TollgateIdentity::new(
                 &name,
                 TollgateIdentitySpec {
@@ -142,8 +173,9 @@ impl ClusterIdentities {
             );
             match self.api.create(&PostParams::default(), &obj).await {
                 Ok(_) => {
-                    self.recent.insert(candidate, (want, Instant::now()));
-                    return Ok(candidate);
+                    self.recent.insert(n, (want.clone(), Instant::now()));
+                    taken.insert(n);
+                    return Ok(n);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     self.conflicts += 1;
@@ -154,14 +186,15 @@ impl ClusterIdentities {
                         .with_context(|| format!("reading TollgateIdentity {name} back"))?;
                     match other {
                         Some(o)
-                            if o.spec.security_labels == want
+                            if o.spec.security_labels == *want
                                 && o.metadata.deletion_timestamp.is_none() =>
                         {
-                            self.recent.insert(candidate, (want, Instant::now()));
-                            return Ok(candidate);
+                            self.recent.insert(n, (want.clone(), Instant::now()));
+                            taken.insert(n);
+                            return Ok(n);
                         }
                         Some(_) => {
-                            taken.insert(candidate);
+                            taken.insert(n);
                         }
                         // Deleted in between: the same number is free again.
                         None => {}
@@ -217,8 +250,10 @@ impl ClusterIdentities {
         Ok(deleted)
     }
 
-    /// Whether some object is waiting for its grace period to end.
+    /// Whether garbage collection has to look again later: an object is waiting for its grace
+    /// period to end, or one this agent allocated is not in the watched store yet (so whether
+    /// it is used cannot be judged now).
     pub fn gc_pending(&self) -> bool {
-        !self.unused_since.is_empty()
+        !self.unused_since.is_empty() || !self.recent.is_empty()
     }
 }

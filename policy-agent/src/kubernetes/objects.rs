@@ -111,7 +111,8 @@ pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     doc.insert("metadata".into(), Value::Object(meta));
     if let Value::Object(data) = &obj.data {
         for (k, v) in data {
-            if k != "apiVersion" && k != "kind" && k != "metadata" {
+            // `status` is the server's (and ours), not policy.
+            if !["apiVersion", "kind", "metadata", "status"].contains(&k.as_str()) {
                 doc.insert(k.clone(), v.clone());
             }
         }
@@ -145,6 +146,93 @@ pub fn load_sources(sources: &[(String, String)]) -> PolicySet {
         set.load_str(name, text);
     }
     set
+}
+
+/// The loaded policy objects, reloaded only where they changed: each object's document text and
+/// loaded set are kept with its resourceVersion, so after one object changed only that object
+/// is serialised, parsed and validated again. (Kubernetes names are unique per kind and
+/// namespace, so the per-object sets never clash.)
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    by_object: BTreeMap<(PolicyKind, Option<String>, Option<String>), Cached>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    resource_version: Option<String>,
+    text: String,
+    /// FNV-1a of `text`.
+    hash: u64,
+    set: PolicySet,
+}
+
+fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+impl PolicyCache {
+    /// Bring the cache to `objects` (the complete current set); returns a fingerprint of the
+    /// documents, equal for equal inputs (a status-only change leaves it as it was).
+    pub fn refresh<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
+    ) -> u64 {
+        let mut next = BTreeMap::new();
+        for (kind, obj) in objects {
+            let key = (
+                kind,
+                obj.metadata.namespace.clone(),
+                obj.metadata.name.clone(),
+            );
+            let rv = obj.metadata.resource_version.clone();
+            let cached = match self.by_object.remove(&key) {
+                Some(c) if c.resource_version.is_some() && c.resource_version == rv => c,
+                old => {
+                    let text = serde_json::to_string_pretty(&policy_document(&kind, obj))
+                        .unwrap_or_default();
+                    match old {
+                        Some(mut c) if c.text == text => {
+                            c.resource_version = rv;
+                            c
+                        }
+                        _ => {
+                            let name = kind.source_name(obj);
+                            let set = load_sources(&[(name, text.clone())]);
+                            Cached {
+                                resource_version: rv,
+                                hash: fnv(text.bytes(), FNV_OFFSET),
+                                text,
+                                set,
+                            }
+                        }
+                    }
+                }
+            };
+            next.insert(key, cached);
+        }
+        self.by_object = next;
+        self.by_object
+            .values()
+            .fold(FNV_OFFSET, |h, c| fnv(c.hash.to_le_bytes(), h))
+    }
+
+    /// Every object's rules, policies and problems, in a stable order.
+    pub fn policy_set(&self) -> PolicySet {
+        let mut out = PolicySet::default();
+        for c in self.by_object.values() {
+            out.rules.extend(c.set.rules.iter().cloned());
+            out.policies.extend(c.set.policies.iter().cloned());
+            out.diagnostics.extend(c.set.diagnostics.iter().cloned());
+            out.skipped.extend(c.set.skipped.iter().cloned());
+        }
+        out
+    }
 }
 
 /// [`load_sources`] of [`policy_sources`].
@@ -376,6 +464,50 @@ mod tests {
         );
         // Server-side metadata (uid, managedFields…) is not a policy problem.
         assert!(!line.contains("managedFields"), "{line}");
+    }
+
+    #[test]
+    fn the_cache_reloads_only_changed_objects_and_gives_what_a_full_load_gives() {
+        let mk = |name: &str, port: &str, rv: &str| {
+            obj(
+                serde_json::json!({"metadata": {"name": name, "namespace": "n", "resourceVersion": rv},
+                "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": port}]}]}]}}),
+            )
+        };
+        let (a, b, b2) = (
+            mk("a", "80", "1"),
+            mk("b", "99999", "2"),
+            mk("b", "81", "3"),
+        );
+        let mut cache = PolicyCache::default();
+        let k = CILIUM_NETWORK_POLICY;
+        let f1 = cache.refresh([(k, &a), (k, &b)]);
+        let first = cache.policy_set();
+        let full = load_policies([(k, &a), (k, &b)]);
+        assert_eq!(first.diagnostics, full.diagnostics);
+        assert_eq!(first.rules.len(), full.rules.len());
+        assert_eq!(first.diagnostics.len(), 1);
+        let kept = std::sync::Arc::as_ptr(&first.policies[0]);
+        // Only the status changed (a new resourceVersion, the same document): same fingerprint.
+        let mut a_status = a.clone();
+        a_status.metadata.resource_version = Some("4".into());
+        a_status.data["status"] = serde_json::json!({"conditions": []});
+        assert_eq!(cache.refresh([(k, &a_status), (k, &b)]), f1);
+        let f2 = cache.refresh([(k, &a_status), (k, &b2)]);
+        assert_ne!(f2, f1);
+        let second = cache.policy_set();
+        assert!(second.diagnostics.is_empty(), "{:?}", second.diagnostics);
+        assert_eq!(
+            std::sync::Arc::as_ptr(&second.policies[0]),
+            kept,
+            "a was not reloaded"
+        );
+        cache.refresh([(k, &b2)]);
+        assert_eq!(
+            cache.policy_set().policies.len(),
+            1,
+            "a deleted object is gone"
+        );
     }
 
     #[test]

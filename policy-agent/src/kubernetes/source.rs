@@ -172,6 +172,7 @@ struct Loop {
     not_served: Vec<&'static str>,
     revision: u64,
     last_inputs: Option<u64>,
+    cache: objects::PolicyCache,
     write_errors: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -209,7 +210,9 @@ impl Loop {
     /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
     async fn compile(&mut self) -> Result<Option<Snapshot>> {
         let objects = self.policy_objects();
-        let sources = objects::policy_sources(objects.iter().map(|(k, o)| (*k, o.as_ref())));
+        let policies_key = self
+            .cache
+            .refresh(objects.iter().map(|(k, o)| (*k, o.as_ref())));
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
         let (mut inventory, notes) = objects::build_inventory(
@@ -217,22 +220,21 @@ impl Loop {
             namespaces.iter().map(|n| n.as_ref()),
         );
         if let Some(ids) = &mut self.identities {
-            let mut done: HashMap<tollgate_policy::labels::LabelSet, u32> = HashMap::new();
+            let mut sets: Vec<&tollgate_policy::labels::LabelSet> =
+                inventory.endpoints.iter().map(|e| &e.labels).collect();
+            sets.sort();
+            sets.dedup();
+            let numbers = ids
+                .allocate_all(&sets)
+                .await
+                .context("allocating cluster identities")?;
             for ep in &mut inventory.endpoints {
-                let id = match done.get(&ep.labels) {
-                    Some(id) => *id,
-                    None => {
-                        let id = ids.allocate(&ep.labels).await.with_context(|| {
-                            format!("identity of Pod {}/{}", ep.spec.namespace, ep.spec.name)
-                        })?;
-                        done.insert(ep.labels.clone(), id);
-                        id
-                    }
-                };
-                ep.identity = id;
+                if let Some(n) = numbers.get(&ep.labels) {
+                    ep.identity = *n;
+                }
             }
         }
-        let mut parts: Vec<String> = sources.iter().map(|(f, t)| format!("{f}\n{t}")).collect();
+        let mut parts: Vec<String> = vec![policies_key.to_string()];
         parts.extend(
             inventory
                 .endpoints
@@ -245,7 +247,7 @@ impl Loop {
             return Ok(None);
         }
         self.last_inputs = Some(key);
-        let policies = objects::load_sources(&sources);
+        let policies = self.cache.policy_set();
         let mut problems: Vec<String> =
             policies.diagnostics.iter().map(objects::describe).collect();
         problems.extend(notes);
@@ -390,6 +392,7 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
         not_served,
         revision: 0,
         last_inputs: None,
+        cache: objects::PolicyCache::default(),
         write_errors: write_errors.clone(),
     };
     let first = lp.compile().await?.context("first compile")?;
@@ -461,6 +464,8 @@ impl Loop {
                     if self.opts.write_status {
                         self.write_status(&current).await;
                     }
+                    // E.g. the watch showed identities allocated earlier: judge them now.
+                    self.collect_garbage(&current.inventory).await;
                 }
                 Err(e) => {
                     // The last snapshot stays in force; try again shortly.
