@@ -6,20 +6,13 @@
 #[path = "../../policy-agent/tests/fake_api/mod.rs"]
 mod fake_api;
 
-use fake_api::{FakeApi, namespace, pod, policy};
+use fake_api::{FakeApi, policy};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_command_compiles_the_cluster_and_names_each_problem() {
     let fake = FakeApi::start().await;
-    fake.put(namespace("prod", json!({})));
-    fake.put(pod(
-        "prod",
-        "frontend",
-        "10.1.0.1",
-        json!({"app": "frontend"}),
-    ));
-    fake.put(pod("prod", "api", "10.1.0.2", json!({"app": "api"})));
+    fake.put_app_pods("prod", &[("frontend", "10.1.0.1"), ("api", "10.1.0.2")]);
     fake.put(policy(
         "CiliumNetworkPolicy",
         Some("prod"),

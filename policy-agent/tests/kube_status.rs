@@ -7,7 +7,7 @@ mod fake_api;
 
 use std::time::Duration;
 
-use fake_api::{FakeApi, eventually, namespace, pod, policy, verdict};
+use fake_api::{FakeApi, eventually, pod, policy, verdict};
 use serde_json::{Value, json};
 use tollgate_agent::kubernetes::source::{self, Identities, Options};
 use tollgate_policy::eval::Decision;
@@ -30,15 +30,14 @@ fn allow_from(app: &str, path: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_rule_gets_an_invalid_condition_and_the_rest_still_applies() {
     let fake = FakeApi::start().await;
-    fake.put(namespace("prod", json!({})));
-    fake.put(pod(
+    fake.put_app_pods(
         "prod",
-        "frontend",
-        "10.1.0.1",
-        json!({"app": "frontend"}),
-    ));
-    fake.put(pod("prod", "admin", "10.1.0.3", json!({"app": "admin"})));
-    fake.put(pod("prod", "api", "10.1.0.2", json!({"app": "api"})));
+        &[
+            ("frontend", "10.1.0.1"),
+            ("admin", "10.1.0.3"),
+            ("api", "10.1.0.2"),
+        ],
+    );
     // ingress[1] has a regex that does not compile; ingress[0] is fine.
     fake.put(policy(
         "TollgatePolicy",

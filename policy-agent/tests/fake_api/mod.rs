@@ -618,6 +618,14 @@ impl FakeApi {
         self.state.lock().unwrap().put(obj)
     }
 
+    /// The namespace `ns` (no labels) and a pod per (name, IP) labelled `app: <name>`.
+    pub fn put_app_pods(&self, ns: &str, pods: &[(&str, &str)]) {
+        self.put(namespace(ns, json!({})));
+        for (name, ip) in pods {
+            self.put(pod(ns, name, ip, json!({"app": name})));
+        }
+    }
+
     pub fn remove(&self, kind: &str, ns: &str, name: &str) -> Option<Value> {
         self.state
             .lock()
