@@ -487,3 +487,34 @@ async fn kinds_the_cluster_does_not_serve_are_reported_not_waited_for() {
         Decision::Deny
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_identities_keep_their_numbers_across_revisions() {
+    let fake = FakeApi::start().await;
+    fake.put_app_pods("prod", &[("web", "10.1.0.1"), ("db", "10.1.0.2")]);
+    let opts = Options {
+        identities: Identities::Local,
+        ..options()
+    };
+    let mut running =
+        tokio::time::timeout(Duration::from_secs(10), source::start(fake.client(), opts))
+            .await
+            .unwrap()
+            .unwrap();
+    let first = running.snapshots.borrow().clone();
+    let id = |s: &Snapshot, n: &str| s.inventory.by_name(n).unwrap().identity;
+    let (web, db) = (id(&first, "web"), id(&first, "db"));
+    assert_ne!(web, db);
+    // A pod that sorts first, with new labels: the others keep their numbers.
+    fake.put(pod("prod", "aaa", "10.1.0.3", json!({"app": "aaa"})));
+    let snap = until(&mut running.snapshots, "aaa", |s| {
+        s.inventory.by_name("aaa").is_some()
+    })
+    .await;
+    assert_eq!((id(&snap, "web"), id(&snap, "db")), (web, db));
+    assert!(![web, db].contains(&id(&snap, "aaa")));
+    assert!(
+        fake.list("TollgateIdentity").is_empty(),
+        "local identities are not objects"
+    );
+}

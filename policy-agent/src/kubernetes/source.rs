@@ -42,8 +42,9 @@ use crate::crd::TollgateIdentity;
 /// How identities are numbered.
 #[derive(Debug, Clone)]
 pub enum Identities {
-    /// Per agent, in order of first sight (directory mode's allocator): only for tests and
-    /// single-node clusters, since other nodes would number differently.
+    /// Per agent, in order of first sight (directory mode's allocator, kept across revisions
+    /// so a label set keeps its number while the agent runs): only for tests and single-node
+    /// clusters, since other nodes would number differently.
     Local,
     /// `TollgateIdentity` objects ([`super::identity`]); unused ones are deleted after
     /// `gc_grace`.
@@ -168,6 +169,8 @@ struct Loop {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     identities: Option<ClusterIdentities>,
+    /// [`Identities::Local`]'s numbers.
+    local_ids: tollgate_policy::endpoints::IdentityAllocator,
     status: StatusWriter,
     not_served: Vec<&'static str>,
     revision: u64,
@@ -219,6 +222,11 @@ impl Loop {
             pods.iter().map(|p| p.as_ref()),
             namespaces.iter().map(|n| n.as_ref()),
         );
+        if self.identities.is_none() {
+            for ep in &mut inventory.endpoints {
+                ep.identity = self.local_ids.allocate(&ep.labels);
+            }
+        }
         if let Some(ids) = &mut self.identities {
             let mut sets: Vec<&tollgate_policy::labels::LabelSet> =
                 inventory.endpoints.iter().map(|e| &e.labels).collect();
@@ -389,6 +397,7 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
         pods,
         namespaces,
         identities,
+        local_ids: Default::default(),
         not_served,
         revision: 0,
         last_inputs: None,
