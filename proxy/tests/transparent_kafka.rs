@@ -1,13 +1,14 @@
 //! Kafka without any client configuration, on the real kernel: a tansu broker listens on the
 //! server namespace's address (port 9092) and advertises that address; real clients
-//! (confluent-kafka / librdkafka, and a plain socket) in the client namespace bootstrap at it.
-//! The eBPF datapath (TC program on the client's veth) redirects every one of their flows to
-//! port 9092 with `bpf_sk_assign` to the proxy's transparent listener in the node namespace —
-//! the bootstrap connection and each connection to the advertised broker address (nothing is
-//! rewritten in this mode, so the client reaches the real address every time). The proxy reads
+//! (confluent-kafka / librdkafka, kcat, and a plain socket) in the client namespace bootstrap
+//! at it. The eBPF datapath (TC program on the client's veth) redirects every one of their
+//! flows to port 9092 with `bpf_sk_assign` to the proxy's transparent listener in the node
+//! namespace — the bootstrap connection and each connection to the advertised broker address
+//! (nothing is rewritten in this mode, so the client reaches the real address every time). The proxy reads
 //! the original destination from the accepted socket, finds the broker endpoint and its
 //! ingress Kafka rules, and judges every request. Asserted: what the clients saw (delivered
-//! produce, TOPIC_AUTHORIZATION_FAILED, the consumer group allowed / GROUP_AUTHORIZATION_FAILED,
+//! produce, TOPIC_AUTHORIZATION_FAILED — also to one producer mixing an allowed and a denied
+//! topic, with no connection lost —, the consumer group allowed / GROUP_AUTHORIZATION_FAILED,
 //! the broker address left as advertised), what reached the broker (read directly from the
 //! server namespace), and the audit records (protocol `kafka`, API, topics/groups, the error
 //! code answered, destination = the broker endpoint at the original IP and port).
@@ -248,6 +249,15 @@ fn redirected_kafka_flows_are_judged_per_request_at_their_original_broker() {
                     "confluent",
                     vec!["--topic", "orders-eu", "--n", "5", "--group", "analytics"],
                 ),
+                // One producer, both topics interleaved (librdkafka batches them into the
+                // same Produce requests), then 4 more to the allowed one.
+                (
+                    "mixed-produce",
+                    "confluent",
+                    vec!["--allowed", "orders-eu", "--denied", "ledger", "--n", "4"],
+                ),
+                ("produce", "kcat", vec!["--topic", "orders-eu", "--n", "3"]),
+                ("produce", "kcat", vec!["--topic", "payments", "--n", "2"]),
             ] {
                 seen.push(run(scenario, client, rest).await.unwrap());
             }
@@ -272,8 +282,18 @@ fn redirected_kafka_flows_are_judged_per_request_at_their_original_broker() {
     for v in &seen {
         eprintln!("client saw: {v}");
     }
-    let [ok, payments, secret, ledger, raw, group_ok, group_denied] =
-        <[Value; 7]>::try_from(seen).unwrap();
+    let [
+        ok,
+        payments,
+        secret,
+        ledger,
+        raw,
+        group_ok,
+        group_denied,
+        mixed,
+        kcat_ok,
+        kcat_denied,
+    ] = <[Value; 10]>::try_from(seen).unwrap();
 
     // What the clients saw.
     assert_eq!(ok["delivered"], 5, "{ok}");
@@ -325,9 +345,31 @@ fn redirected_kafka_flows_are_judged_per_request_at_their_original_broker() {
         "{group_denied}"
     );
 
+    assert_eq!(mixed["allowed"]["delivered"], 8, "{mixed}");
+    assert!(mixed["allowed"]["errors"].is_null(), "{mixed}");
+    assert_eq!(
+        mixed["denied"]["errors"]["TOPIC_AUTHORIZATION_FAILED"], 4,
+        "{mixed}"
+    );
+    assert!(mixed["denied"]["delivered"].is_null(), "{mixed}");
+    assert_eq!(
+        mixed["rd_disconnects"], 0,
+        "the denials cost no connection: {mixed}"
+    );
+    assert_eq!(kcat_ok["exit"], 0, "{kcat_ok}");
+    assert_eq!(kcat_ok["delivered"], 3, "{kcat_ok}");
+    assert!(error_names(&kcat_ok).is_empty(), "{kcat_ok}");
+    assert_ne!(kcat_denied["exit"], 0, "{kcat_denied}");
+    assert_eq!(kcat_denied["failed"], 2, "{kcat_denied}");
+    assert_eq!(
+        error_names(&kcat_denied),
+        ["TOPIC_AUTHORIZATION_FAILED"],
+        "{kcat_denied}"
+    );
+
     // What reached the broker: only the allowed messages (read from its own namespace).
     for (topic, n) in [
-        ("orders-eu", 5),
+        ("orders-eu", 5 + 8 + 3),
         ("payments", 0),
         ("orders-secret", 0),
         ("ledger", 0),
