@@ -79,6 +79,13 @@ taskset -c "$CPU_SUT" cargo run -q --release -p tollgate -- proxy \
   --kafka-listen "$BOOT_TG" --kafka-to "kafka:9092@$BOOT_DIRECT" \
   --metrics "127.0.0.1:$METRICS_PORT" --audit-log "$WORK/audit.jsonl" 2>"$WORK/proxy.log" &
 TG_PID=$!
+# cargo run may wait for the shared target dir's lock or rebuild first: wait (bounded) for
+# the listener while the process lives.
+for _ in $(seq 600); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT") 2>/dev/null && break
+  kill -0 "$TG_PID" 2>/dev/null || { cat "$WORK/proxy.log" >&2; echo "tollgate exited" >&2; exit 1; }
+  sleep 0.5
+done
 wait_port "$PROXY_PORT" || { cat "$WORK/proxy.log" >&2; exit 1; }
 # Probes: clients bootstrapped at tollgate are told that the broker is tollgate (fixed-listener
 # rewrite), and the policy is applied (a topic outside bench-* is refused).
@@ -93,17 +100,20 @@ round() {
   CPU_SUT=$3 RESULTS="$WORK/$1" BOOT=$2 RUNS=1 N=$N SIZE=$SIZE bash "$PEERS/bench-kafka.sh" \
     >"$WORK/$1/out-$r.txt" 2>&1 || { cat "$WORK/$1/out-$r.txt" >&2; exit 1; }
 }
-TG_TICKS=0
-TG_SECS=0
+# CPU seconds (utime+stime of all threads) each process spent in each kind of round: the
+# per-row percentages of bench-kafka.sh are too coarse (10 ms ticks) for sub-second runs.
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+TANSU_D=0; TANSU_T=0; TG_T=0
 for r in $(seq "$ROUNDS"); do
+  b0=$(cpu_ticks "$TANSU")
   round direct "$BOOT_DIRECT" "$CPU_SUT"
-  c0=$(cpu_ticks "$TG_PID"); t0=$(date +%s.%N)
+  b1=$(cpu_ticks "$TANSU"); c0=$(cpu_ticks "$TG_PID")
   round tollgate "$BOOT_TG" "$CPU_LOAD"
-  c1=$(cpu_ticks "$TG_PID"); t1=$(date +%s.%N)
-  TG_TICKS=$((TG_TICKS + c1 - c0)); TG_SECS=$(echo "$TG_SECS + $t1 - $t0" | bc -l)
+  b2=$(cpu_ticks "$TANSU"); c1=$(cpu_ticks "$TG_PID")
+  TANSU_D=$((TANSU_D + b1 - b0)); TANSU_T=$((TANSU_T + b2 - b1)); TG_T=$((TG_T + c1 - c0))
   echo "round $r done" >&2
 done
-TG_CPU=$(echo "$TG_TICKS / $HZ / $TG_SECS * 100" | bc -l | xargs printf '%.0f')
+CPU_S="$(echo "$TANSU_D / $HZ / $ROUNDS" | bc -l) $(echo "$TANSU_T / $HZ / $ROUNDS" | bc -l) $(echo "$TG_T / $HZ / $ROUNDS" | bc -l)"
 
 # Produce round trip, one message at a time: tansu on CPU 1 direct, tollgate on CPU 1 proxied.
 "$PY" -c "from confluent_kafka.admin import AdminClient,NewTopic; a=AdminClient({'bootstrap.servers':'$BOOT_DIRECT'}); [f.result(10) for f in a.create_topics([NewTopic('bench-lat-$$',1,1)]).values()]"
@@ -119,9 +129,11 @@ taskset -a -pc "$CPU_SUT" "$TANSU" >/dev/null
 EVENTS=$(curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^tollgate_(proxy_events|requests)_total' | grep -i kafka || true)
 DENIED=$(grep -c '"verdict":"denied"' "$WORK/audit.jsonl" 2>/dev/null || true)
 
-python3 - "$WORK" "$ROUNDS" "$N" "$SIZE" "$LAT_N" "$TG_CPU" <<'PY'
-import csv, glob, re, statistics as st, sys
-work, rounds, n, size, lat_n, tg_cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$WORK" "$ROUNDS" "$N" "$SIZE" "$LAT_N" $CPU_S <<'PY'
+import csv, statistics as st, sys
+work, rounds, n, size, lat_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cpu_td, cpu_tt, cpu_tg = (float(x) for x in sys.argv[6:9])
 def rows(side):
     out = {}
     for r in csv.DictReader(open(f"{work}/{side}/kafka.csv")):
@@ -141,8 +153,8 @@ for key, label in [(("kcat", "produce"), "kcat produce"), (("kcat", "consume"), 
         for r in rs:
             if int(float(r["n"])) != n:
                 short.append(f"{side} {label} run {r['run']}: n={r['n']} of {n}")
-print(f"| tansu CPU % (median of rows) | {med(sum(d.values(), []), 'broker_cpu_pct'):.0f} | {med(sum(t.values(), []), 'broker_cpu_pct'):.0f} | |")
-print(f"| tollgate CPU % (over the proxied runs) | - | {tg_cpu} | |")
+print(f"| tansu CPU s per round (4 runs) | {cpu_td:.2f} | {cpu_tt:.2f} | |")
+print(f"| tollgate CPU s per round (4 runs) | - | {cpu_tg:.2f} | |")
 def lat(side):
     vals = [dict(kv.split("=") for kv in l.split()) for l in open(f"{work}/lat-{side}.txt") if l.strip()]
     return vals
@@ -152,10 +164,13 @@ for q in ("p50_ms", "p99_ms"):
     print(f"| produce round trip {q[:3]} (ms, {lat_n} x 1 msg, acks=1) | {a:.3f} | {b:.3f} | +{b-a:.3f} |")
 fails = sum(int(v["failed"]) for v in ld + lt)
 print()
+for side, vs in (("direct", ld), ("tollgate", lt)):
+    print(f"latency rounds {side}: " + "; ".join(f"p50 {v['p50_ms']} p99 {v['p99_ms']} max {v['max_ms']}" for v in vs))
 print("every message acked/consumed in every run" if not short else "SHORT RUNS: " + "; ".join(short))
 print(f"latency runs: {fails} failed deliveries")
 PY
 echo
+echo "load average (1/5/15 min) before the throughput rounds: $LOAD0; after everything: $LOAD1"
 echo "audit records (denied) written during the run: ${DENIED:-0} (the policy probe is one)"
 echo "proxy Kafka counters after the run:"
 echo "$EVENTS"

@@ -150,15 +150,25 @@ pub fn tansu() -> Tansu {
     let log = dir.path().join("tansu.log");
     let port = free_port();
     let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&bin)
-        .args(["broker", "--cluster-id", "tollgate", "--listener-url", &url])
+    let mut cmd = Command::new(&bin);
+    cmd.args(["broker", "--cluster-id", "tollgate", "--listener-url", &url])
         .args(["--advertised-listener-url", &url])
         .args(["--storage-engine", "memory://tansu/"])
         .env("RUST_LOG", "warn")
         .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("tansu.err")).unwrap())
-        .spawn()
-        .unwrap();
+        .stderr(std::fs::File::create(dir.path().join("tansu.err")).unwrap());
+    // Reaped kills it on drop; a test binary that aborts (or is killed) runs no destructors,
+    // so the broker also gets SIGKILL when the thread that started it is gone. Call this from
+    // the test's own thread (as #[tokio::test] bodies run), not from a short-lived one.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
     let t = Tansu {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         log,
