@@ -80,8 +80,8 @@ impl Broker {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("tansu.log");
         let url = format!("tcp://{addr}");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
             .arg(&bin)
             .args(["broker", "--cluster-id", "t", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
@@ -89,9 +89,19 @@ impl Broker {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("tansu.err")).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(dir.path().join("tansu.err")).unwrap());
+        // Reaped kills it on drop; should the test binary abort (no destructors), the broker
+        // still gets SIGKILL when the test's thread is gone (`ip netns exec` execs tansu, and
+        // the death signal survives exec). Called on the test's own thread.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         let b = Broker {
             _dir: dir,
             log,
