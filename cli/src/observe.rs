@@ -21,7 +21,7 @@ pub struct ObserveArgs {
     /// denied | audit-denied | allowed (rules with `log`)
     #[arg(long)]
     verdict: Option<String>,
-    /// http | grpc | tls | tcp | dns
+    /// http | grpc | tls | tcp | dns | kafka
     #[arg(long)]
     protocol: Option<String>,
     /// Source: an endpoint name, `namespace/name`, or a label `key=value`.
@@ -128,6 +128,7 @@ fn print(r: &Value, json: bool) {
             r["dns"]["rcode"].as_str().unwrap_or(""),
             r["dns"]["transport"].as_str().unwrap_or("")
         ),
+        Some("kafka") => kafka_summary(&r["kafka"]),
         _ => format!("port {}", r["destination"]["port"]),
     };
     let policy = match (
@@ -195,4 +196,41 @@ pub fn run(args: &ObserveArgs) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `produce v9 [orders,secret] group=g txn=t client=c -> 29` for a Kafka record.
+fn kafka_summary(k: &Value) -> String {
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "{} v{}",
+        k["api_key"].as_str().unwrap_or("?"),
+        k["api_version"].as_i64().unwrap_or(-1)
+    );
+    let topics = list(&k["topics"]);
+    if !topics.is_empty() {
+        out.push_str(&format!(" [{topics}]"));
+    }
+    for (label, field) in [("group", "groups"), ("txn", "transactional_ids")] {
+        let v = list(&k[field]);
+        if !v.is_empty() {
+            out.push_str(&format!(" {label}={v}"));
+        }
+    }
+    if let Some(c) = k["client_id"].as_str() {
+        out.push_str(&format!(" client={c}"));
+    }
+    match k["error_code"].as_i64() {
+        Some(e) => out.push_str(&format!(" -> error {e}")),
+        None => out.push_str(" -> closed"),
+    }
+    out
 }

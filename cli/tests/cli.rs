@@ -147,3 +147,19 @@ fn observe_filters_audit_records() {
     ]);
     assert_eq!(out.lines().count(), 2, "{out}");
 }
+
+#[test]
+fn observe_shows_kafka_records_and_filters_by_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("audit.jsonl");
+    let kafka = r#"{"schema":"tollgate.audit/v1","time":"2099-01-01T00:00:00.000Z","verdict":"denied","reason":"l7-no-match","protocol":"kafka","source":{"ip":"10.0.0.1","namespace":"shop","name":"billing"},"destination":{"ip":"10.0.0.2","port":9092,"namespace":"shop","name":"kafka"},"kafka":{"api_key":"produce","api_key_id":0,"api_version":9,"correlation_id":4,"client_id":"rdkafka","topics":["secret"],"error_code":29},"policy":{"namespace":"shop","name":"k"},"rule":"spec.ingress[0].toPorts[0].rules"}"#;
+    let http = r#"{"schema":"tollgate.audit/v1","time":"2099-01-01T00:00:00.000Z","verdict":"denied","reason":"l7-no-match","protocol":"http","source":{"ip":"10.0.0.1"},"destination":{"ip":"10.0.0.2"},"http":{"method":"GET","host":"a","path":"/"}}"#;
+    std::fs::write(&f, format!("{kafka}\n{http}\n")).unwrap();
+    let (code, out) = tollgate(&["observe", "-f", f.to_str().unwrap(), "--protocol", "kafka"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("shop/billing -> shop/kafka  produce v9 [secret] client=rdkafka -> error 29"),
+        "{out}"
+    );
+}

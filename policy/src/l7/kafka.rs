@@ -111,6 +111,11 @@ const PRODUCE_KEYS: &[i16] = &[0, 3, 18];
 const CONSUME_KEYS: &[i16] = &[1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18];
 /// Keys whose topics Cilium extracts and checks.
 const TOPIC_EXTRACTED: &[i16] = &[0, 1, 2, 3, 8, 9];
+/// Keys whose requests name a consumer group (OffsetCommit, OffsetFetch, FindCoordinator,
+/// JoinGroup, Heartbeat, LeaveGroup, SyncGroup, DescribeGroups, AddOffsetsToTxn,
+/// TxnOffsetCommit, DeleteGroups, OffsetDelete, ConsumerGroupHeartbeat/Describe). A
+/// FindCoordinator for a transaction names none and is matched by `transactionalID` instead.
+const GROUP_BEARING: &[i16] = &[8, 9, 10, 11, 12, 13, 14, 15, 25, 28, 42, 47, 68, 69];
 /// Keys that carry topics (§8.3).
 const TOPIC_BEARING: &[i16] = &[
     0, 1, 2, 3, 4, 5, 6, 8, 9, 19, 20, 21, 23, 24, 27, 28, 34, 35, 37,
@@ -243,10 +248,13 @@ impl CompiledKafkaRule {
         (self.keys.is_empty() || self.keys.contains(&req.api_key))
             && (self.version == -1 || self.version == req.api_version)
             && self.client_id.as_deref().is_none_or(|c| c == client)
-            && self
-                .group_id
-                .as_deref()
-                .is_none_or(|g| req.group_id.is_some_and(|x| glob_match(g, x)))
+            // A consumer group constrains the requests that name one; Fetch, ListOffsets and
+            // Metadata name none, so a group-restricted consume rule still lets its members
+            // read (as `topic` is ignored for keys without topics, §8.3).
+            && self.group_id.as_deref().is_none_or(|g| match req.group_id {
+                Some(x) => glob_match(g, x),
+                None => !GROUP_BEARING.contains(&req.api_key),
+            })
             && self
                 .transactional_id
                 .as_deref()
@@ -482,13 +490,26 @@ mod tests {
             "{transactionalID: 'tx-*'}",
             "{topic: orders-secret, action: deny}",
         ]);
-        let with_group = |g: Option<&'static str>| KafkaRequest {
+        // OffsetCommit names its group: it must match.
+        let commit = |g: Option<&'static str>| KafkaRequest {
             group_id: g,
-            ..req(1, &["orders-eu"])
+            ..req(8, &["orders-eu"])
         };
-        assert!(s.evaluate(&with_group(Some("billing-a"))).allowed);
-        assert!(!s.evaluate(&with_group(Some("other"))).allowed);
-        assert!(!s.evaluate(&with_group(None)).allowed);
+        assert!(s.evaluate(&commit(Some("billing-a"))).allowed);
+        assert!(!s.evaluate(&commit(Some("other"))).allowed);
+        assert!(!s.evaluate(&commit(None)).allowed);
+        // Fetch and ListOffsets name no group: the group's members can read.
+        assert!(s.evaluate(&req(1, &["orders-eu"])).allowed);
+        assert!(s.evaluate(&req(2, &["orders-eu"])).allowed);
+        assert!(!s.evaluate(&req(1, &["payments"])).allowed);
+        // A FindCoordinator for a transaction names no group: the group rule does not allow it.
+        let group_only = set(&["{role: consume, topic: 'orders-*', groupID: 'billing-*'}"]);
+        assert!(!group_only.evaluate(&req(10, &[])).allowed);
+        let find_group = KafkaRequest {
+            group_id: Some("billing-eu"),
+            ..req(10, &[])
+        };
+        assert!(group_only.evaluate(&find_group).allowed);
         let tx = KafkaRequest {
             transactional_id: Some("tx-1"),
             ..req(22, &[])
