@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -82,7 +83,6 @@ def err_name(e):
         return msg
     # kafka-python wraps some broker errors: KafkaError('Unexpected error in
     # InitProducerIdResponse: [Error 31] ClusterAuthorizationFailedError')
-    import re
     m = re.search(r"\[Error (-?\d+)\]", str(e))
     if m:
         try:
@@ -592,9 +592,24 @@ def rd_names_in(text):
     out = {}
     for line in text.splitlines():
         # longest description first: "Broker: Topic authorization failed" before "Broker: ..."
-        for d in sorted((d for d in RD_DESC if d and d in line), key=len, reverse=True)[:1]:
+        found = sorted((d for d in RD_DESC if d and d in line), key=len, reverse=True)[:1]
+        for d in found:
             bump(out, RD_DESC[d])
+        if not found:
+            # librdkafka prints a broker's own error message when there is one (Kafka's
+            # GroupAuthorizationException text, e.g. "FindCoordinator response error: Not
+            # authorized to access group: g").
+            for pat, name in BROKER_TEXTS:
+                if pat in line:
+                    bump(out, name)
+                    break
     return out
+
+
+BROKER_TEXTS = [("Not authorized to access group", "GROUP_AUTHORIZATION_FAILED"),
+                ("Not authorized to access topics", "TOPIC_AUTHORIZATION_FAILED"),
+                ("Transactional Id authorization failed", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED"),
+                ("Cluster authorization failed", "CLUSTER_AUTHORIZATION_FAILED")]
 
 
 def kcat_run(a, args, stdin=None):
@@ -615,7 +630,12 @@ def kcat_produce(a, extra=()):
                                 "-X", "acks=all", *extra], msgs)
     errors = rd_names_in(err)
     failed = sum(1 for l in err.splitlines() if "Delivery failed" in l)
-    return {"exit": rc, "delivered": (a.n - failed) if rc == 0 else None, "failed": failed, "errors": errors,
+    # After a fatal error kcat may still exit 0: "Producer terminating with N messages (...)
+    # still in queue or transit" - those were never delivered either.
+    m = re.search(r"terminating with (\d+) messages", err)
+    stuck = int(m.group(1)) if m else 0
+    return {"exit": rc, "delivered": (a.n - failed - stuck) if rc == 0 else None, "failed": failed,
+            "undelivered_at_exit": stuck, "errors": errors,
             "error_lines": [l for l in err.splitlines() if "ERROR" in l or "failed" in l][:10], "stderr": err[-600:]}
 
 
