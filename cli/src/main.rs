@@ -58,7 +58,8 @@ enum Command {
     /// allocate identities, write status and events, compile each change (no datapath yet).
     Agent(Box<agent_cmd::AgentArgs>),
     /// Print tollgate's CustomResourceDefinitions (generated from the Rust types): all, or
-    /// the one of KIND (TollgatePolicy, TollgateIdentity).
+    /// the one of KIND (TollgatePolicy, TollgateIdentity; also CiliumNetworkPolicy and
+    /// CiliumClusterwideNetworkPolicy, for clusters without Cilium, printed only when named).
     Crd { kind: Option<String> },
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {

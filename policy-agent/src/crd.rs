@@ -2,8 +2,9 @@
 //! loader deserializes (`tollgate_policy::api::Rule`), so the schema the API server enforces and
 //! the one tollgate parses cannot drift; and `TollgateIdentity` (cluster-scoped, one object per
 //! cluster-wide identity, see [`crate::kubernetes::identity`]), derived with kube's
-//! `CustomResource`. `tollgate crd` prints them, `deploy/crds/` holds them, and a test fails
-//! when the two differ.
+//! `CustomResource`. For clusters without Cilium, also Cilium's own `CiliumNetworkPolicy` and
+//! `CiliumClusterwideNetworkPolicy` ([`cilium_crds`]), from the same rule type. `tollgate crd`
+//! prints them, `deploy/crds/` holds them, and a test fails when the two differ.
 //!
 //! The JSON schema (schemars, OpenAPI 3 flavour, everything inlined) is made *structural* as
 //! Kubernetes requires: no `$ref`/`definitions`, no `additionalProperties: false` (unknown
@@ -16,7 +17,7 @@ use kube::CustomResource;
 use kube::CustomResourceExt;
 use schemars::r#gen::SchemaSettings;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tollgate_policy::api::Rule;
 
 /// A cluster-wide identity: the object's name is the numeric identity (`256`…`65535`), its
@@ -148,9 +149,26 @@ pub fn structural_problems(schema: &Value) -> Vec<String> {
     out
 }
 
+/// The `openAPIV3Schema` of a policy object: `spec` (one rule) and/or `specs` (a list of
+/// rules), both of [`rule_schema`], and `status`.
+fn policy_object_schema(description: &str, status: Value) -> Value {
+    let rule = rule_schema();
+    json!({
+        "type": "object",
+        "description": description,
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": rule.clone(),
+            "specs": {"type": "array", "items": rule},
+            "status": status,
+        },
+    })
+}
+
 /// The whole CRD as a JSON value (serialise it as YAML or JSON; both are valid manifests).
 pub fn tollgate_policy_crd() -> Value {
-    let rule = rule_schema();
     let status = json!({
         "type": "object",
         "properties": {
@@ -176,9 +194,6 @@ pub fn tollgate_policy_crd() -> Value {
         {"name": "Valid", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Valid\")].status"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]);
-    let mut spec_props = Map::new();
-    spec_props.insert("spec".into(), rule.clone());
-    spec_props.insert("specs".into(), json!({"type": "array", "items": rule}));
     json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -203,28 +218,88 @@ pub fn tollgate_policy_crd() -> Value {
                 "storage": true,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "L7-aware network policy for tollgate: CiliumNetworkPolicy's rule model plus L7 deny rules, audit enforcement, gRPC, header regex/CIDR and Kafka group/transactional-id rules.",
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_props["spec"],
-                        "specs": spec_props["specs"],
-                        "status": status,
-                    },
-                }},
+                "schema": {"openAPIV3Schema": policy_object_schema(
+                    "L7-aware network policy for tollgate: CiliumNetworkPolicy's rule model plus L7 deny rules, audit enforcement, gRPC, header regex/CIDR and Kafka group/transactional-id rules.",
+                    status,
+                )},
             }],
         },
     })
+}
+
+/// Cilium's policy kinds, for clusters without Cilium (the chart installs them only when
+/// asked): CiliumNetworkPolicy (namespaced) and CiliumClusterwideNetworkPolicy, `cilium.io/v2`,
+/// with the schema of the rule type tollgate parses them with. That type includes the
+/// TollgatePolicy extensions (`action`, `enforcement`, …) on purpose: a schema without them
+/// would have the API server prune `action: deny` from a CNP's HTTP rule, storing an *allow*
+/// rule; with them the object keeps what its author wrote and tollgate rejects the extension
+/// with "… is a TollgatePolicy extension" (a Warning Event). `status` is free-form (Cilium's
+/// agents write theirs there when Cilium is installed later and replaces these CRDs).
+pub fn cilium_crds() -> Vec<(&'static str, Value)> {
+    [false, true]
+        .into_iter()
+        .map(|clusterwide| {
+            let (kind, plural, short, scope) = if clusterwide {
+                (
+                    "CiliumClusterwideNetworkPolicy",
+                    "ciliumclusterwidenetworkpolicies",
+                    "ccnp",
+                    "Cluster",
+                )
+            } else {
+                (
+                    "CiliumNetworkPolicy",
+                    "ciliumnetworkpolicies",
+                    "cnp",
+                    "Namespaced",
+                )
+            };
+            let status = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+            let crd = json!({
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {
+                    "name": format!("{plural}.cilium.io"),
+                    "labels": {"app.kubernetes.io/name": "tollgate"},
+                },
+                "spec": {
+                    "group": "cilium.io",
+                    "names": {
+                        "kind": kind,
+                        "listKind": format!("{kind}List"),
+                        "plural": plural,
+                        "singular": kind.to_lowercase(),
+                        "shortNames": [short],
+                        "categories": ["cilium", "ciliumpolicy"],
+                    },
+                    "scope": scope,
+                    "versions": [{
+                        "name": "v2",
+                        "served": true,
+                        "storage": true,
+                        "subresources": {"status": {}},
+                        "additionalPrinterColumns": [
+                            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        ],
+                        "schema": {"openAPIV3Schema": policy_object_schema(
+                            &format!("{kind} (cilium.io/v2) as tollgate parses it: `spec` and/or `specs`, each a Cilium policy rule. Installed by tollgate for clusters without Cilium."),
+                            status,
+                        )},
+                    }],
+                },
+            });
+            (kind, crd)
+        })
+        .collect()
 }
 
 /// The committed file of one CRD (`deploy/crds/tollgate.io_<plural>.yaml`): a header saying
 /// where it comes from, then the CRD as YAML.
 pub fn crd_file(kind: &str, crd: &Value) -> String {
     let from = match kind {
-        "TollgatePolicy" => "tollgate_policy::api::Rule".to_string(),
+        "TollgatePolicy" | "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
+            "tollgate_policy::api::Rule".to_string()
+        }
         k => format!("tollgate_agent::crd::{k}Spec"),
     };
     format!(
@@ -288,6 +363,29 @@ mod tests {
         assert_eq!(structural_problems(schema), Vec::<String>::new());
         let labels = &schema["properties"]["spec"]["properties"]["securityLabels"];
         assert_eq!(labels["additionalProperties"]["type"], "string", "{labels}");
+    }
+
+    #[test]
+    fn the_cilium_crds_are_structural_with_cilium_names() {
+        let crds = cilium_crds();
+        let (cnp, ccnp) = (&crds[0].1, &crds[1].1);
+        assert_eq!(cnp["metadata"]["name"], "ciliumnetworkpolicies.cilium.io");
+        assert_eq!(cnp["spec"]["scope"], "Namespaced");
+        assert_eq!(cnp["spec"]["names"]["shortNames"], json!(["cnp"]));
+        assert_eq!(
+            ccnp["metadata"]["name"],
+            "ciliumclusterwidenetworkpolicies.cilium.io"
+        );
+        assert_eq!(ccnp["spec"]["scope"], "Cluster");
+        assert_eq!(ccnp["spec"]["names"]["shortNames"], json!(["ccnp"]));
+        for (_, crd) in &crds {
+            assert_eq!(crd["spec"]["group"], "cilium.io");
+            assert_eq!(crd["spec"]["versions"][0]["name"], "v2");
+            let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            assert_eq!(structural_problems(schema), Vec::<String>::new());
+            assert_eq!(schema["properties"]["spec"], rule_schema());
+            assert_eq!(schema["properties"]["specs"]["items"], rule_schema());
+        }
     }
 
     #[test]
