@@ -111,11 +111,10 @@ async fn every_client_produces_consumes_and_joins_a_group_directly_at_tansu() {
         .await;
         assert_eq!(v["consumed"], 20, "{c}: {v}");
         assert!(error_names(&v).is_empty(), "{c}: {v}");
-        if c != "kcat" {
-            // kcat commits by itself (auto commit); the libraries commit and read it back.
-            assert_eq!(v["commit"], "ok", "{c}: {v}");
-            assert_eq!(v["committed_offsets"], 20, "{c}: {v}");
-        }
+        // The libraries commit and read it back; kcat commits by itself (auto commit) and
+        // librdkafka reads the group's offsets back.
+        assert_eq!(v["commit"], "ok", "{c}: {v}");
+        assert_eq!(v["committed_offsets"], 20, "{c}: {v}");
     }
     // One producer, two topics, interleaved: the broker takes both.
     for c in ["confluent", "aiokafka", "kafka-python"] {
@@ -232,7 +231,8 @@ async fn idempotent_and_transactional_producers_directly_at_tansu() {
 /// tansu 0.6.0 does not check request versions: ApiVersions v127 is answered exactly like v3
 /// (error 0, flexible layout), not with KIP-511's v0 UNSUPPORTED_VERSION reply, and a Metadata
 /// v127 request gets a Metadata response. So whatever the proxy answers to unknown versions is
-/// the proxy's own doing.
+/// the proxy's own doing. (Also seen, not asserted here: a Metadata v12 request with an empty
+/// topic array - "no topics" since v1 - is answered with every topic, like a null array.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_answers_unknown_request_versions_as_if_they_were_known() {
     let broker = tansu();
