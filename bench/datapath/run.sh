@@ -5,7 +5,7 @@
 # in one run; plus the redirect path's added latency (client -> transparent listener in the
 # node namespace via sk_assign, vs the same listener reached without redirect).
 #
-# Usage (root): bench/datapath/run.sh [SECONDS_PER_MEASUREMENT] [ROUNDS]
+# Usage (root): [TOLLGATE_BENCH_BIN=PATH] bench/datapath/run.sh [SECONDS_PER_MEASUREMENT] [ROUNDS]
 # Needs: scripts/setup-datapath.sh (toolchain, iperf3, iproute2). Touches only namespaces it
 # creates (names carry this shell's pid) and removes them on exit.
 set -euo pipefail
@@ -20,8 +20,9 @@ PIN=/sys/fs/bpf/tollgate-bench-$ID
 [ "$(id -u)" = 0 ] || { echo "bench/datapath/run.sh needs root" >&2; exit 1; }
 command -v iperf3 >/dev/null || { echo "iperf3 missing: run scripts/setup-datapath.sh" >&2; exit 1; }
 
-cargo build -q --release -p tollgate-datapath --example datapath_bench
-BIN=${CARGO_TARGET_DIR:-target}/release/examples/datapath_bench
+# shellcheck source=bench/datapath/topology.sh
+. bench/datapath/topology.sh
+bench_bin
 
 PIDS=()
 cleanup() {
@@ -31,16 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkns() { ip netns add "$1"; ip netns exec "$1" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0; ip -n "$1" link set lo up; }
-mkns "$NODE"; mkns "$CLI"; mkns "$SRV"
-ip netns exec "$NODE" sysctl -qw net.ipv4.ip_forward=1
-for spec in "$CLI:$CIF:1" "$SRV:$SIF:2"; do
-  IFS=: read -r ns ifn n <<<"$spec"
-  ip -n "$NODE" link add "$ifn" type veth peer name eth0 netns "$ns"
-  ip -n "$NODE" addr add "10.201.$n.1/24" dev "$ifn"; ip -n "$NODE" link set "$ifn" up
-  ip -n "$ns" addr add "10.201.$n.2/24" dev eth0; ip -n "$ns" link set eth0 up
-  ip -n "$ns" route add default via "10.201.$n.1"
-done
+make_topology 10.201
 
 bg() { "$@" >/dev/null 2>&1 & PIDS+=($!); }
 bg ip netns exec "$SRV" iperf3 -s -p 5201

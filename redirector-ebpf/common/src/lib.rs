@@ -12,6 +12,8 @@
 //! telling which.
 #![no_std]
 
+pub mod packet;
+
 /// Names of the maps in the eBPF object; the loader looks them up (and pins them) by these names.
 pub mod map_names {
     /// IPv4 prefix → identity (LPM trie).
@@ -203,42 +205,45 @@ pub struct PolicyValue {
     pub proxy_port: u16,
 }
 
-/// Key of the connection-tracking map: the flow as the endpoint sees it (`saddr` is the side that
-/// opened it), plus the endpoint and the policy direction that admitted it. Keeping the endpoint
-/// in the key means a flow between two local endpoints is judged by both endpoints' policies.
+/// Key of the connection-tracking map: the flow as the endpoint sees it — its own side and the
+/// remote side, whichever of them opened it — plus the endpoint. Both directions of a flow have
+/// the same key, so one lookup answers a packet and its replies; [`CtValue::direction`] tells
+/// which direction opened (and was judged for) the flow. Keeping the endpoint in the key means a
+/// flow between two local endpoints is judged by both endpoints' policies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
-    /// Address of the side that opened the flow.
-    pub saddr: [u8; 16],
-    /// Address of the side that accepted it.
-    pub daddr: [u8; 16],
+    /// The endpoint's address (source of what it sends, destination of what it receives).
+    pub endpoint_addr: [u8; 16],
+    /// The remote side's address.
+    pub remote_addr: [u8; 16],
     /// Endpoint whose policy admitted the flow.
     pub endpoint_id: u32,
-    /// Source port (host order).
-    pub sport: u16,
-    /// Destination port (host order).
-    pub dport: u16,
+    /// The endpoint's port (host order).
+    pub endpoint_port: u16,
+    /// The remote side's port (host order).
+    pub remote_port: u16,
     /// IP protocol.
     pub protocol: u8,
     /// [`family`].
     pub family: u8,
-    /// [`direction`] of the policy that admitted the flow.
-    pub direction: u8,
     /// Explicit padding, zero.
-    pub _pad: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Value of the connection-tracking map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    /// `bpf_ktime_get_coarse_ns()` of the last packet in either direction (refreshed at most
+    /// once a second).
     pub last_seen_ns: u64,
-    /// Verdict given to the flow's first packet; later packets get the same one.
+    /// Verdict given to the flow's first packet; later packets in that direction get the same
+    /// one, packets in the other direction are its replies and pass.
     pub verdict: u8,
-    /// Explicit padding, zero.
-    pub _pad: u8,
+    /// [`direction`] of the policy that admitted the flow: [`direction::EGRESS`] when the
+    /// endpoint opened it, [`direction::INGRESS`] when it was opened toward the endpoint.
+    pub direction: u8,
     /// Proxy port when the verdict is a redirect.
     pub proxy_port: u16,
     /// Explicit padding, zero.

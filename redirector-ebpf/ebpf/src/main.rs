@@ -5,11 +5,13 @@
 //! sends: its egress policy) and `tollgate_to_endpoint` on TC egress of the same interface (what
 //! is delivered to it: its ingress policy).
 //!
-//! Per packet the cost is bounded and independent of the policy size: one endpoint lookup, at
-//! most two connection-tracking lookups, and for the first packet of a flow one LPM lookup plus
-//! four exact policy lookups (exact, any-port, any-identity, any-both), deny winning over
-//! everything. The first packet's verdict is stored in the LRU connection tracker so the rest of
-//! the flow, and its replies, follow it; a redirected flow stays redirected for its lifetime.
+//! Per packet the cost is bounded and independent of the policy size: one endpoint lookup, one
+//! connection-tracking lookup (both directions of a flow share one entry), and for the first
+//! packet of a flow one LPM lookup plus four exact policy lookups (exact, any-port,
+//! any-identity, any-both), deny winning over everything. The first packet's verdict is stored
+//! in the LRU connection tracker so the rest of the flow, and its replies, follow it; a
+//! redirected flow stays redirected for its lifetime. Headers are read straight from the skb's
+//! linear data (bounds-checked), with `bpf_skb_load_bytes` only for bytes outside it.
 //!
 //! Redirect is `bpf_sk_assign` of the proxy's transparent listener (found with
 //! `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp`) plus a mark that the loader's policy-routing rule
@@ -23,7 +25,8 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
     },
     helpers::{
-        bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_udp,
+        bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -32,7 +35,9 @@ use aya_ebpf::{
 use tollgate_datapath_common::{
     Config, Counter, CtKey, CtValue, DropEvent, EndpointInfo, PROXY_UPSTREAM_MARK,
     PROXY_UPSTREAM_MARK_MASK, PolicyKey, PolicyValue, capacity, counter, direction, endpoint_flags,
-    family, identity, proto, reason, verdict,
+    family, identity,
+    packet::{self, Bytes, Headers, words_to_bytes},
+    proto, reason, verdict,
 };
 
 #[map(name = "TG_IPCACHE_V4")]
@@ -52,27 +57,7 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 #[map(name = "TG_CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const NS_PER_SEC: u64 = 1_000_000_000;
-const MAX_IPV6_EXT: usize = 4;
-const IPV6_HOPOPTS: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_DSTOPTS: u8 = 60;
-
-/// The L3/L4 facts of one packet.
-struct Packet {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    sport: u16,
-    dport: u16,
-    protocol: u8,
-    family: u8,
-    /// skb length, for the byte counters.
-    len: u32,
-}
 
 #[classifier]
 pub fn tollgate_from_endpoint(ctx: TcContext) -> i32 {
@@ -107,87 +92,43 @@ fn count(slot: u32, bytes: u32) {
     }
 }
 
-#[inline(never)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
-    let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let mut p = Packet {
-        saddr: [0; 16],
-        daddr: [0; 16],
-        sport: 0,
-        dport: 0,
-        protocol: 0,
-        family: 0,
-        len: ctx.len(),
-    };
-    let l4: usize;
-    let mut first_fragment = true;
-    // Each header is read with one load: every `ctx.load` is a helper call, and on the
-    // throughput path they are most of the program's cost.
-    if eth_proto == ETH_P_IP {
-        let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        if ihl < 20 {
-            return None;
-        }
-        first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
-        p.protocol = ip[9];
-        p.saddr[..4].copy_from_slice(&ip[12..16]);
-        p.daddr[..4].copy_from_slice(&ip[16..20]);
-        p.family = family::V4;
-        l4 = ETH_HLEN + ihl;
-    } else if eth_proto == ETH_P_IPV6 {
-        let ip: [u8; 40] = ctx.load(ETH_HLEN).ok()?;
-        p.saddr.copy_from_slice(&ip[8..24]);
-        p.daddr.copy_from_slice(&ip[24..40]);
-        p.family = family::V6;
-        let mut next: u8 = ip[6];
-        let mut off = ETH_HLEN + 40;
-        // Walk (a bounded number of) extension headers to the transport header.
-        let mut i = 0;
-        while i < MAX_IPV6_EXT {
-            match next {
-                IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                    let hdr: [u8; 2] = ctx.load(off).ok()?;
-                    next = hdr[0];
-                    off += (usize::from(hdr[1]) + 1) * 8;
-                }
-                IPV6_FRAGMENT => {
-                    let hdr: [u8; 4] = ctx.load(off).ok()?;
-                    next = hdr[0];
-                    first_fragment = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 == 0;
-                    off += 8;
-                }
-                _ => break,
-            }
-            i += 1;
-        }
-        p.protocol = next;
-        l4 = off;
-    } else {
-        return None;
-    }
-    if p.protocol == proto::ICMPV6 {
-        // Neighbour discovery and multicast listener messages are the link working, not flows:
-        // without them no IPv6 flow could be allowed at all.
-        let icmp_type: u8 = ctx.load(l4).ok()?;
-        if (130..=137).contains(&icmp_type) || icmp_type == 143 {
-            return None;
+/// The packet as [`packet::parse`] reads it: bytes in the skb's linear data are read directly
+/// (one bounds check against `data_end`, which is what the verifier needs to see), anything
+/// else with `bpf_skb_load_bytes`. On a veth the headers are nearly always linear; when they are
+/// not (a paged skb, e.g. from a packet socket with a virtio-net header), the helper reads the
+/// same bytes from the pages, and fails exactly when the packet is too short, so a non-linear
+/// packet is judged the same as a linear one.
+struct Skb<'a>(&'a TcContext);
+
+impl Bytes for Skb<'_> {
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let start = self.0.data();
+        let end = self.0.data_end();
+        // At least two bytes: for one, LLVM turns `p + 1 <= end` into `p < end`, from which
+        // the verifier learns no range at offset 0. A one-byte field in the last linear byte
+        // then takes the helper, which reads it all the same.
+        let need = if N < 2 { 2 } else { N };
+        if start + off + need <= end {
+            // SAFETY: `[start + off, start + off + N)` lies inside the linear packet data
+            // (checked just above); `[u8; N]` has no alignment requirement.
+            Some(unsafe { ((start + off) as *const [u8; N]).read() })
+        } else {
+            self.0.load::<[u8; N]>(off).ok()
         }
     }
-    if first_fragment && (p.protocol == proto::TCP || p.protocol == proto::UDP) {
-        let ports: [u8; 4] = ctx.load(l4).ok()?;
-        p.sport = u16::from_be_bytes([ports[0], ports[1]]);
-        p.dport = u16::from_be_bytes([ports[2], ports[3]]);
-    }
-    Some(p)
 }
 
-fn ipcache(fam: u8, addr: &[u8; 16]) -> u32 {
+#[inline(never)]
+fn parse(ctx: &TcContext) -> Option<Headers> {
+    packet::parse(&Skb(ctx))
+}
+
+fn ipcache(fam: u8, addr: &[u32; 4]) -> u32 {
     let id = if fam == family::V4 {
-        let a = [addr[0], addr[1], addr[2], addr[3]];
-        IPCACHE_V4.get(Key::new(32, a)).copied()
+        IPCACHE_V4.get(Key::new(32, addr[0].to_ne_bytes())).copied()
     } else {
-        IPCACHE_V6.get(Key::new(128, *addr)).copied()
+        IPCACHE_V6.get(Key::new(128, words_to_bytes(addr))).copied()
     };
     id.unwrap_or(identity::WORLD)
 }
@@ -206,7 +147,7 @@ fn rank(v: u8) -> u8 {
 /// Resolves (endpoint, remote, port, proto, dir) with four exact lookups. Returns the verdict,
 /// the proxy port, and the drop reason when the verdict is a deny.
 #[inline(never)]
-fn decide(ep: &EndpointInfo, remote: u32, p: &Packet, dir: u8) -> (u8, u16, u8) {
+fn decide(ep: &EndpointInfo, remote: u32, p: &Headers, dir: u8) -> (u8, u16, u8) {
     let keys = [
         (remote, p.dport, p.protocol),
         (remote, 0, proto::ANY),
@@ -257,7 +198,7 @@ struct Why {
 }
 
 #[inline(never)]
-fn emit(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, why: &Why) {
+fn emit(ctx: &TcContext, p: &Headers, ep: &EndpointInfo, why: &Why) {
     let Why {
         remote,
         dir,
@@ -272,8 +213,8 @@ fn emit(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, why: &Why) {
         slot.write(DropEvent {
             // SAFETY: helper without preconditions.
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
-            saddr: p.saddr,
-            daddr: p.daddr,
+            saddr: p.saddr_bytes(),
+            daddr: p.daddr_bytes(),
             src_identity,
             dst_identity,
             endpoint_id: ep.endpoint_id,
@@ -342,52 +283,41 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
         return TC_ACT_OK as i32;
     };
     let cfg = config();
+    // The coarse clock (the last tick) is plenty for timeouts of seconds and, unlike
+    // `bpf_ktime_get_ns`, reads no clock source.
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
 
-    // 1. A flow this endpoint opened (or was opened to it) in this direction.
-    let fwd = CtKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
+    // 1. A flow this endpoint opened or that was opened to it, in either direction: one entry
+    //    keyed by (endpoint side, remote side) answers the flow's packets and its replies.
+    let (ep_addr, remote_addr, ep_port, remote_port) = if dir == direction::EGRESS {
+        (&p.saddr, &p.daddr, p.sport, p.dport)
+    } else {
+        (&p.daddr, &p.saddr, p.dport, p.sport)
+    };
+    let key = CtKey {
+        endpoint_addr: words_to_bytes(ep_addr),
+        remote_addr: words_to_bytes(remote_addr),
         endpoint_id: ep.endpoint_id,
-        sport: p.sport,
-        dport: p.dport,
+        endpoint_port: ep_port,
+        remote_port,
         protocol: p.protocol,
         family: p.family,
-        direction: dir,
-        _pad: 0,
+        _pad: [0; 2],
     };
-    if let Some(ct) = ct_lookup(&fwd, now, &cfg) {
+    if let Some(ct) = ct_lookup(&key, now, &cfg) {
         count(counter::CT_HIT, len);
-        if ct.verdict == verdict::REDIRECT && dir == direction::EGRESS {
+        // Packets in the direction that opened the flow follow its verdict; the other
+        // direction carries its replies, which pass.
+        if ct.direction == dir && ct.verdict == verdict::REDIRECT && dir == direction::EGRESS {
             return redirect(ctx, &p, &ep, &cfg, ct.proxy_port);
         }
         return TC_ACT_OK as i32;
     }
-    // 2. A reply of a flow admitted in the other direction.
-    let rev = CtKey {
-        saddr: p.daddr,
-        daddr: p.saddr,
-        endpoint_id: ep.endpoint_id,
-        sport: p.dport,
-        dport: p.sport,
-        protocol: p.protocol,
-        family: p.family,
-        direction: dir ^ 1,
-        _pad: 0,
-    };
-    if ct_lookup(&rev, now, &cfg).is_some() {
-        count(counter::CT_HIT, len);
-        return TC_ACT_OK as i32;
-    }
 
-    // 3. A new flow: the proxy's own upstream connection (already judged by it, with both
+    // 2. A new flow: the proxy's own upstream connection (already judged by it, with both
     //    sides' policies) or judged here by policy.
-    let remote = if dir == direction::EGRESS {
-        ipcache(p.family, &p.daddr)
-    } else {
-        ipcache(p.family, &p.saddr)
-    };
+    let remote = ipcache(p.family, remote_addr);
     let (mut v, proxy_port, why) = if dir == direction::INGRESS
         && mark(ctx) & PROXY_UPSTREAM_MARK_MASK == PROXY_UPSTREAM_MARK
     {
@@ -438,12 +368,14 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
             let entry = CtValue {
                 last_seen_ns: now,
                 verdict: v,
-                _pad: 0,
+                direction: dir,
                 proxy_port,
                 _pad2: 0,
             };
             // A full LRU evicts the oldest flow; an error here only costs a re-evaluation.
-            let _ = CT.insert(&fwd, &entry, 0);
+            // An expired entry of the flow (either direction) is overwritten: the flow was
+            // judged again, in the direction of this packet.
+            let _ = CT.insert(&key, &entry, 0);
             match v {
                 verdict::REDIRECT => redirect(ctx, &p, &ep, &cfg, proxy_port),
                 verdict::AUDIT => {
@@ -469,55 +401,34 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-fn tuple_of(p: &Packet, daddr: &[u8; 16], dport: u16) -> bpf_sock_tuple {
+fn tuple_of(p: &Headers, daddr: &[u32; 4], dport: u16) -> bpf_sock_tuple {
     // SAFETY: all-zero is a valid tuple.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     if p.family == family::V4 {
-        t.__bindgen_anon_1.ipv4.saddr =
-            u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
-        t.__bindgen_anon_1.ipv4.daddr =
-            u32::from_ne_bytes([daddr[0], daddr[1], daddr[2], daddr[3]]);
+        t.__bindgen_anon_1.ipv4.saddr = p.saddr[0];
+        t.__bindgen_anon_1.ipv4.daddr = daddr[0];
         t.__bindgen_anon_1.ipv4.sport = p.sport.to_be();
         t.__bindgen_anon_1.ipv4.dport = dport.to_be();
-        t
     } else {
-        let mut s = [0u32; 4];
-        let mut d = [0u32; 4];
-        let mut i = 0;
-        while i < 4 {
-            s[i] = u32::from_ne_bytes([
-                p.saddr[4 * i],
-                p.saddr[4 * i + 1],
-                p.saddr[4 * i + 2],
-                p.saddr[4 * i + 3],
-            ]);
-            d[i] = u32::from_ne_bytes([
-                daddr[4 * i],
-                daddr[4 * i + 1],
-                daddr[4 * i + 2],
-                daddr[4 * i + 3],
-            ]);
-            i += 1;
-        }
-        t.__bindgen_anon_1.ipv6.saddr = s;
-        t.__bindgen_anon_1.ipv6.daddr = d;
+        t.__bindgen_anon_1.ipv6.saddr = p.saddr;
+        t.__bindgen_anon_1.ipv6.daddr = *daddr;
         t.__bindgen_anon_1.ipv6.sport = p.sport.to_be();
         t.__bindgen_anon_1.ipv6.dport = dport.to_be();
-        t
     }
+    t
+}
+
+/// Size of the tuple for the packet's family. Computed right at each helper call (never kept in
+/// a variable across code) so that the verifier sees a constant on each branch.
+#[inline(always)]
+fn tuple_size(p: &Headers) -> u32 {
+    if p.family == family::V4 { 12 } else { 36 }
 }
 
 /// Hands the packet to the proxy: the flow's own socket when the proxy already accepted it,
 /// else the transparent listener on `proxy_port`.
-/// Size of the tuple for the packet's family. Computed right at each helper call (never kept in
-/// a variable across code) so that the verifier sees a constant on each branch.
-#[inline(always)]
-fn tuple_size(p: &Packet) -> u32 {
-    if p.family == family::V4 { 12 } else { 36 }
-}
-
 #[inline(never)]
-fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_port: u16) -> i32 {
+fn redirect(ctx: &TcContext, p: &Headers, ep: &EndpointInfo, cfg: &Config, proxy_port: u16) -> i32 {
     let skb = ctx.skb.skb.cast();
     let mut sk: *mut bpf_sock = core::ptr::null_mut();
     if p.protocol == proto::TCP {
@@ -537,11 +448,16 @@ fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_
         }
     }
     if sk.is_null() {
-        let mut proxy = [0u8; 16];
+        let mut proxy = [0u32; 4];
         if p.family == family::V4 {
-            proxy[..4].copy_from_slice(&cfg.proxy_v4);
+            proxy[0] = u32::from_ne_bytes(cfg.proxy_v4);
         } else {
-            proxy = cfg.proxy_v6;
+            let b = &cfg.proxy_v6;
+            let mut i = 0;
+            while i < 4 {
+                proxy[i] = u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+                i += 1;
+            }
         }
         let mut t = tuple_of(p, &proxy, proxy_port);
         // SAFETY: as above.
@@ -572,12 +488,12 @@ fn redirect(ctx: &TcContext, p: &Packet, ep: &EndpointInfo, cfg: &Config, proxy_
         return proxy_unavailable(ctx, p, ep);
     }
     ctx.set_mark(cfg.redirect_mark);
-    count(counter::REDIRECTED, p.len);
+    count(counter::REDIRECTED, ctx.len());
     TC_ACT_OK as i32
 }
 
-fn proxy_unavailable(ctx: &TcContext, p: &Packet, ep: &EndpointInfo) -> i32 {
-    count(counter::PROXY_UNAVAILABLE, p.len);
+fn proxy_unavailable(ctx: &TcContext, p: &Headers, ep: &EndpointInfo) -> i32 {
+    count(counter::PROXY_UNAVAILABLE, ctx.len());
     let remote = ipcache(p.family, &p.daddr);
     let why = Why {
         remote,
