@@ -290,6 +290,7 @@ async fn handle_connection(
             l.sink.clone(),
             l.metrics.clone(),
             l.upstream_mark,
+            l.node.clone(),
         );
         return crate::kafka::serve_flow(kafka, flow, stream).await;
     }

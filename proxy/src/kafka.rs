@@ -66,17 +66,19 @@ struct Fixed {
 
 impl Shared {
     /// For flows the datapath redirects: the client already addresses the real brokers.
+    /// `node` is the listener's node name (read once at start-up, not per connection).
     pub fn transparent(
         state: PolicyHandle,
         sink: AuditSink,
         metrics: Arc<Metrics>,
         upstream_mark: Option<u32>,
+        node: String,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             state,
             sink,
             metrics,
-            node: crate::audit::node_name(),
+            node,
             upstream_mark,
             max_frame: kp::DEFAULT_MAX_FRAME,
             fixed: None,

@@ -223,19 +223,7 @@ pub fn kafka_client(
         .env("TOLLGATE_PEERS", peers_dir())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "clients.py {scenario} {args:?} printed no JSON (exit {:?}); stderr: {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    serde_json::from_str(line).unwrap()
+    client_json(&out, &format!("clients.py {scenario} {args:?}"))
 }
 
 /// Create topics through confluent-kafka's AdminClient (tansu does not auto-create them);
@@ -277,6 +265,11 @@ pub fn kafka_client_in(
         .env("TOLLGATE_PEERS", peers_dir())
         .output()
         .unwrap();
+    client_json(&out, &format!("clients.py {scenario} {args:?} in {netns}"))
+}
+
+/// The last JSON object a `clients.py` run printed (what the client observed).
+fn client_json(out: &std::process::Output, what: &str) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()
@@ -284,7 +277,7 @@ pub fn kafka_client_in(
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| {
             panic!(
-                "clients.py {scenario} {args:?} in {netns} printed no JSON (exit {:?}); stderr: {}",
+                "{what} printed no JSON (exit {:?}); stderr: {}",
                 out.status.code(),
                 String::from_utf8_lossy(&out.stderr)
             )
