@@ -1,21 +1,43 @@
-//! `tollgate agent --kubernetes`: the agent's Kubernetes source on its own — watch the policy
-//! kinds, Pods and Namespaces, allocate cluster-wide identities, write TollgatePolicy status
-//! and Events, and compile every change into kernel map contents (`plan::compile`), printing one
-//! line per revision and every problem. It does not load the datapath or run the proxy yet:
-//! enforcing on a node is `tollgate up`, from files, today.
+//! `tollgate agent`: the agent on its own, without the datapath.
+//!
+//! * `--kubernetes`: the Kubernetes source — watch the policy kinds, Pods and Namespaces,
+//!   allocate cluster-wide identities, write TollgatePolicy status and Events, and compile every
+//!   change into kernel map contents (`plan::compile`), printing one line per revision and every
+//!   problem.
+//! * `--policies DIR --endpoints FILE --rule-socket SOCK`: serve the files as versioned rule
+//!   sets to proxies (`tollgate proxy --agent SOCK`), watching them for changes, and print every
+//!   proxy's ACK/NACK. Enforcing on a node with the kernel datapath is `tollgate up`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 use tollgate_agent::kubernetes::source::{self, Identities, Options, Snapshot};
 use tollgate_agent::plan::{ProxyPorts, compile};
+use tollgate_agent::rulesets::{RuleSetServer, describe, rule_sets};
+use tollgate_proxy::state::{Sources, fingerprint};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// Take policy and endpoints from the Kubernetes API (the only source of `agent` today).
-    #[arg(long, required = true)]
+    /// Take policy and endpoints from the Kubernetes API.
+    #[arg(
+        long,
+        required_unless_present = "policies",
+        conflicts_with = "policies"
+    )]
     pub kubernetes: bool,
+    /// Policy files or directories (watched), served as rule sets on `--rule-socket`.
+    #[arg(long, num_args = 1.., requires_all = ["endpoints", "rule_socket"])]
+    pub policies: Vec<PathBuf>,
+    /// Endpoints inventory (watched).
+    #[arg(long)]
+    pub endpoints: Option<PathBuf>,
+    /// Serve rule sets to proxies on this Unix socket.
+    #[arg(long)]
+    pub rule_socket: Option<PathBuf>,
+    /// How often the files are checked for changes (milliseconds).
+    #[arg(long, default_value_t = 200)]
+    pub poll_ms: u64,
     /// Kubeconfig file (default: in-cluster service account, $KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -70,6 +92,11 @@ fn print(snap: &Snapshot) {
 }
 
 pub fn run(args: &AgentArgs) -> Result<bool> {
+    if let (Some(endpoints), Some(socket)) = (&args.endpoints, &args.rule_socket)
+        && !args.kubernetes
+    {
+        return serve_files(args, endpoints, socket);
+    }
     let instance = args
         .node
         .clone()
@@ -102,6 +129,64 @@ pub fn run(args: &AgentArgs) -> Result<bool> {
             }
             if running.snapshots.changed().await.is_err() {
                 anyhow::bail!("the Kubernetes source stopped");
+            }
+        }
+    })
+}
+
+/// Rule sets of the policy sources read now.
+pub fn rule_sets_of(sources: &Sources) -> Vec<tollgate_api::v1::RuleSet> {
+    rule_sets(
+        sources
+            .policies
+            .iter()
+            .map(|(n, c)| (n.as_str(), c.as_str())),
+        (sources.inventory.0.as_str(), sources.inventory.1.as_str()),
+    )
+}
+
+/// Print every proxy's ACK, and each rejected rule set with its problems.
+pub fn log_acks(server: RuleSetServer, who: &'static str) -> RuleSetServer {
+    server.on_ack(move |proxy, ack| {
+        for line in describe(proxy, ack) {
+            eprintln!("{who}: {line}");
+        }
+    })
+}
+
+fn serve_files(args: &AgentArgs, endpoints: &Path, socket: &Path) -> Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut seen = fingerprint(&args.policies, endpoints);
+        let sources = Sources::read(&args.policies, endpoints)?;
+        let server = log_acks(RuleSetServer::new(rule_sets_of(&sources)), "tollgate agent");
+        eprintln!(
+            "tollgate agent: version 1: {} policy file(s); rule sets on {}",
+            sources.policies.len(),
+            socket.display()
+        );
+        tokio::spawn(server.clone().serve_unix(socket.to_path_buf()));
+        loop {
+            tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
+            let now = fingerprint(&args.policies, endpoints);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match Sources::read(&args.policies, endpoints) {
+                Ok(sources) => {
+                    let v = server.publish(rule_sets_of(&sources));
+                    eprintln!(
+                        "tollgate agent: version {v}: {} policy file(s)",
+                        sources.policies.len()
+                    );
+                }
+                Err(e) => eprintln!(
+                    "tollgate agent: keeping version {}: {e:#}",
+                    server.version()
+                ),
             }
         }
     })

@@ -1,5 +1,7 @@
 //! `tollgate observe`: read audit records (JSON lines) with filters, like `hubble observe`.
-//! Reads the proxy's `--audit-log` file; `--follow` keeps reading as records are appended.
+//! Reads the proxy's `--audit-log` file (`--follow` keeps reading as records are appended), or
+//! with `--server SOCK` the proxy's `Observe` gRPC stream (`tollgate proxy --observe-socket`),
+//! where the proxy applies the filter.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -7,14 +9,20 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use regex::Regex;
 use serde_json::Value;
+use tollgate_api::v1::ObserveRequest;
+use tollgate_api::v1::observe_client::ObserveClient;
+use tollgate_proxy::observe::RecordFilter;
 
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// The audit log the proxy writes (`tollgate proxy --audit-log FILE`).
     #[arg(long, short = 'f', default_value = "/var/log/tollgate/audit.jsonl")]
     file: PathBuf,
+    /// Read from the proxy's Observe stream on this Unix socket instead of a file
+    /// (`tollgate proxy --observe-socket SOCK`).
+    #[arg(long, conflicts_with = "file")]
+    server: Option<PathBuf>,
     /// Keep reading new records as they are written.
     #[arg(long)]
     follow: bool,
@@ -41,56 +49,6 @@ pub struct ObserveArgs {
     output: String,
 }
 
-struct Filter {
-    verdict: Option<String>,
-    protocol: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
-    path: Option<Regex>,
-    since: Option<SystemTime>,
-}
-
-fn peer_matches(peer: &Value, want: &str) -> bool {
-    let name = peer["name"].as_str().unwrap_or("");
-    let ns = peer["namespace"].as_str().unwrap_or("");
-    if want == name || want == format!("{ns}/{name}") || want == peer["ip"].as_str().unwrap_or("") {
-        return true;
-    }
-    want.contains('=')
-        && peer["labels"].as_array().is_some_and(|ls| {
-            ls.iter()
-                .any(|l| l.as_str().is_some_and(|l| l.ends_with(&format!(":{want}"))))
-        })
-}
-
-impl Filter {
-    fn keep(&self, r: &Value) -> bool {
-        if r["type"] == "records_lost" {
-            return true; // never hide lost-record notices
-        }
-        self.verdict.as_deref().is_none_or(|v| r["verdict"] == v)
-            && self.protocol.as_deref().is_none_or(|p| r["protocol"] == p)
-            && self
-                .from
-                .as_deref()
-                .is_none_or(|f| peer_matches(&r["source"], f))
-            && self
-                .to
-                .as_deref()
-                .is_none_or(|t| peer_matches(&r["destination"], t))
-            && self
-                .path
-                .as_ref()
-                .is_none_or(|re| r["http"]["path"].as_str().is_some_and(|p| re.is_match(p)))
-            && self.since.is_none_or(|since| {
-                r["time"]
-                    .as_str()
-                    .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-                    .is_some_and(|t| t >= since)
-            })
-    }
-}
-
 fn print(r: &Value, json: bool) {
     if json {
         println!("{r}");
@@ -99,6 +57,14 @@ fn print(r: &Value, json: bool) {
     if r["type"] == "records_lost" {
         println!(
             "{}  RECORDS LOST: {} so far",
+            r["time"].as_str().unwrap_or(""),
+            r["count"]
+        );
+        return;
+    }
+    if r["type"] == "observer_lagged" {
+        println!(
+            "{}  THIS STREAM LOST {} RECORDS (observer too slow; the log has them)",
             r["time"].as_str().unwrap_or(""),
             r["count"]
         );
@@ -153,15 +119,15 @@ fn print(r: &Value, json: bool) {
 }
 
 pub fn run(args: &ObserveArgs) -> Result<bool> {
-    let filter = Filter {
+    let filter = RecordFilter {
         verdict: args.verdict.clone(),
         protocol: args.protocol.clone(),
         from: args.from.clone(),
         to: args.to.clone(),
-        path: args
+        http_path: args
             .http_path
             .as_deref()
-            .map(|p| Regex::new(&format!("^(?:{p})$")))
+            .map(RecordFilter::path_regex)
             .transpose()
             .context("--http-path")?,
         since: args.since.map(|d| SystemTime::now() - Duration::from(d)),
@@ -171,6 +137,9 @@ pub fn run(args: &ObserveArgs) -> Result<bool> {
         "table" => false,
         o => anyhow::bail!("-o {o}: expected json or table"),
     };
+    if let Some(socket) = &args.server {
+        return from_server(args, socket, json);
+    }
     let file =
         std::fs::File::open(&args.file).with_context(|| format!("open {}", args.file.display()))?;
     let mut reader = BufReader::new(file);
@@ -196,6 +165,37 @@ pub fn run(args: &ObserveArgs) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Follow the proxy's Observe stream; the proxy filters.
+fn from_server(args: &ObserveArgs, socket: &std::path::Path, json: bool) -> Result<bool> {
+    let req = ObserveRequest {
+        follow: args.follow,
+        since_seconds: args.since.map_or(0, |d| Duration::from(d).as_secs().max(1)),
+        verdict: args.verdict.clone().unwrap_or_default(),
+        protocol: args.protocol.clone().unwrap_or_default(),
+        from: args.from.clone().unwrap_or_default(),
+        to: args.to.clone().unwrap_or_default(),
+        http_path: args.http_path.clone().unwrap_or_default(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = ObserveClient::new(tollgate_api::unix_channel(socket));
+        let mut stream = client
+            .observe(req)
+            .await
+            .with_context(|| format!("Observe on {}", socket.display()))?
+            .into_inner();
+        while let Some(rec) = stream.message().await? {
+            match serde_json::from_str::<Value>(&rec.json) {
+                Ok(r) => print(&r, json),
+                Err(e) => eprintln!("skipping a record that is not JSON: {e}"),
+            }
+        }
+        Ok(true)
+    })
 }
 
 /// `produce v9 [orders,secret] group=g txn=t client=c -> 29` for a Kafka record.

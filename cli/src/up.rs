@@ -19,12 +19,13 @@ use tollgate_agent::apply::{Updated, apply, update};
 use tollgate_agent::plan::{
     FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile, compile_with,
 };
+use tollgate_agent::rulesets::RuleSetServer;
 use tollgate_datapath::{Datapath, DatapathOptions, RedirectRouting};
 use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
 use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig, FqdnUpdate};
 use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::state::fingerprint;
+use tollgate_proxy::state::{Sources, fingerprint};
 use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -60,6 +61,16 @@ pub struct UpArgs {
     /// How often the files are checked for changes (milliseconds).
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
+    /// Serve the policy as versioned rule sets to proxies on this Unix socket
+    /// (`tollgate proxy --agent SOCK`).
+    #[arg(long)]
+    pub rule_socket: Option<PathBuf>,
+    /// Run no proxy in this process: a separate `tollgate proxy --agent SOCK --transparent
+    /// 127.0.0.1:L7_PORT --dns-transparent 127.0.0.1:DNS_PORT` serves the redirected flows
+    /// (needs `--rule-socket`). While it is not running, redirected flows are dropped.
+    /// toFQDNs IPs learned by a separate proxy do not reach the kernel yet.
+    #[arg(long, requires = "rule_socket")]
+    pub external_proxy: bool,
 }
 
 /// What the agent keeps between changes: the kernel, what it holds, and the learned IPs.
@@ -128,14 +139,15 @@ impl Agent {
 }
 
 /// Load for revision `revision` (see [`PolicyState::load_strict`]); item-level diagnostics
-/// are printed, never dropped.
-fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<PolicyState> {
-    let mut state = PolicyState::load_strict(&args.policies, &args.endpoints)?;
+/// are printed, never dropped. Also returns the sources it was built from.
+fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<(PolicyState, Sources)> {
+    let sources = Sources::read(&args.policies, &args.endpoints)?;
+    let mut state = PolicyState::from_sources(&sources)?.strict()?;
     state.revision = revision;
     for d in &state.diagnostics {
         eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
     }
-    Ok(state.with_fqdn(fqdn.clone()))
+    Ok((state.with_fqdn(fqdn.clone()), sources))
 }
 
 pub fn run(args: &UpArgs) -> Result<bool> {
@@ -151,7 +163,17 @@ async fn serve(args: UpArgs) -> Result<()> {
     tokio::spawn(fqdn.clone().run_expiry());
     let mut revision = 1;
     let mut seen = fingerprint(&args.policies, &args.endpoints);
-    let state = Arc::new(load(&args, revision, &fqdn)?);
+    let (state, sources) = load(&args, revision, &fqdn)?;
+    let state = Arc::new(state);
+    let rule_server = args.rule_socket.as_ref().map(|path| {
+        let server = crate::agent_cmd::log_acks(
+            RuleSetServer::new(crate::agent_cmd::rule_sets_of(&sources)),
+            "tollgate up",
+        );
+        eprintln!("tollgate up: rule sets for proxies on {}", path.display());
+        tokio::spawn(server.clone().serve_unix(path.clone()));
+        server
+    });
     let ports = ProxyPorts {
         l7: args.l7_port,
         dns: args.dns_port,
@@ -205,30 +227,21 @@ async fn serve(args: UpArgs) -> Result<()> {
         ));
     }
     let l7_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.l7_port));
-    let mark = Some(tollgate_datapath::common::PROXY_UPSTREAM_MARK);
-    let l7 = Listener::bind_transparent(l7_addr, handle.clone(), sink.clone(), "Access denied")
-        .await?
-        .with_metrics(metrics.clone())
-        .with_upstream_mark(mark);
-    tokio::spawn(serve_listener(l7));
     let dns_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.dns_port));
-    let dns = DnsListener::bind_transparent(
-        dns_addr,
-        handle.clone(),
-        sink.clone(),
-        metrics.clone(),
-        DnsOptions {
-            upstream_mark: mark,
-            ..DnsOptions::default()
-        },
-    )
-    .await?;
-    tokio::spawn(dns.serve());
-    eprintln!(
-        "tollgate up: revision {revision}: {} endpoints, {} ipcache entries, {} policy entries; \
-         proxy on {l7_addr} (L7) and {dns_addr} (DNS)",
-        applied.endpoints, applied.ipcache, applied.policy
-    );
+    if args.external_proxy {
+        eprintln!(
+            "tollgate up: revision {revision}: {} endpoints, {} ipcache entries, {} policy \
+             entries; redirects to an external proxy on {l7_addr} (L7) and {dns_addr} (DNS)",
+            applied.endpoints, applied.ipcache, applied.policy
+        );
+    } else {
+        start_proxy(&handle, &sink, &metrics, l7_addr, dns_addr).await?;
+        eprintln!(
+            "tollgate up: revision {revision}: {} endpoints, {} ipcache entries, {} policy \
+             entries; proxy on {l7_addr} (L7) and {dns_addr} (DNS)",
+            applied.endpoints, applied.ipcache, applied.policy
+        );
+    }
 
     loop {
         tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
@@ -238,8 +251,8 @@ async fn serve(args: UpArgs) -> Result<()> {
         }
         seen = now;
         let started = Instant::now();
-        let state = match load(&args, revision + 1, &fqdn) {
-            Ok(x) => Arc::new(x),
+        let (state, sources) = match load(&args, revision + 1, &fqdn) {
+            Ok((x, sources)) => (Arc::new(x), sources),
             Err(e) => {
                 eprintln!("tollgate up: keeping revision {revision}: {e:#}");
                 continue;
@@ -252,6 +265,9 @@ async fn serve(args: UpArgs) -> Result<()> {
             a.converge(state.clone(), &fqdn)?
         };
         handle.store(state);
+        if let Some(server) = &rule_server {
+            server.publish(crate::agent_cmd::rule_sets_of(&sources));
+        }
         revision += 1;
         metrics.set_revision(revision);
         eprintln!(
@@ -269,4 +285,33 @@ async fn serve(args: UpArgs) -> Result<()> {
             eprintln!("tollgate up: not enforced: {x}");
         }
     }
+}
+
+/// The in-process proxy: transparent L7 and DNS listeners on the redirect ports.
+async fn start_proxy(
+    handle: &PolicyHandle,
+    sink: &AuditSink,
+    metrics: &Arc<Metrics>,
+    l7_addr: std::net::SocketAddr,
+    dns_addr: std::net::SocketAddr,
+) -> Result<()> {
+    let mark = Some(tollgate_datapath::common::PROXY_UPSTREAM_MARK);
+    let l7 = Listener::bind_transparent(l7_addr, handle.clone(), sink.clone(), "Access denied")
+        .await?
+        .with_metrics(metrics.clone())
+        .with_upstream_mark(mark);
+    tokio::spawn(serve_listener(l7));
+    let dns = DnsListener::bind_transparent(
+        dns_addr,
+        handle.clone(),
+        sink.clone(),
+        metrics.clone(),
+        DnsOptions {
+            upstream_mark: mark,
+            ..DnsOptions::default()
+        },
+    )
+    .await?;
+    tokio::spawn(dns.serve());
+    Ok(())
 }

@@ -7,12 +7,14 @@
 //!   turns them into the same inputs as a policy directory and inventory file, allocates
 //!   cluster-wide identities (`TollgateIdentity` objects), writes TollgatePolicy status and
 //!   events for the kinds we do not own.
+//! * [`rulesets`] serves versioned rule sets to proxies (`tollgate_api::v1::RuleSets`) and
+//!   keeps each proxy's ACK/NACK.
 //! * [`crd`] generates the CRDs (`TollgatePolicy` from the policy types, `TollgateIdentity`).
 //!
-//! Not yet (issue 7): enforcement from the Kubernetes source (`tollgate up` reads files), the
-//! rule-set stream to a separate proxy process.
+//! Not yet (issue 7): enforcement from the Kubernetes source (`tollgate up` reads files).
 
 pub mod apply;
 pub mod crd;
 pub mod kubernetes;
 pub mod plan;
+pub mod rulesets;

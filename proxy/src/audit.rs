@@ -240,6 +240,7 @@ pub struct AuditSink {
     tx: mpsc::Sender<Record>,
     shed: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    tap: Arc<crate::observe::Tap>,
 }
 
 impl AuditSink {
@@ -250,9 +251,20 @@ impl AuditSink {
             tx,
             shed: Arc::new(AtomicU64::new(0)),
             written: Arc::new(AtomicU64::new(0)),
+            tap: Arc::new(crate::observe::Tap::new(4096, 4096)),
         };
-        tokio::spawn(writer(output, rx, sink.shed.clone(), sink.written.clone()));
+        tokio::spawn(writer(
+            Sink::open(&output, sink.tap.clone()),
+            rx,
+            sink.shed.clone(),
+            sink.written.clone(),
+        ));
         sink
+    }
+
+    /// Every line written, for `Observe` streams.
+    pub fn tap(&self) -> Arc<crate::observe::Tap> {
+        self.tap.clone()
     }
 
     /// Queue a record without ever waiting; a full queue sheds it and counts it.
@@ -284,6 +296,7 @@ struct Sink {
     /// Bytes in the current file, and the rotation settings (`path`, `max_bytes`, `keep`).
     size: u64,
     rotate: Option<(std::path::PathBuf, u64, usize)>,
+    tap: Arc<crate::observe::Tap>,
 }
 
 fn open_append(p: &std::path::Path) -> Box<dyn Write + Send> {
@@ -304,27 +317,25 @@ fn open_append(p: &std::path::Path) -> Box<dyn Write + Send> {
 }
 
 impl Sink {
-    fn open(output: &Output) -> Sink {
-        match output {
-            Output::Stdout => Sink {
-                out: Box::new(std::io::stdout()),
-                size: 0,
-                rotate: None,
-            },
-            Output::File(p) => Sink {
-                out: open_append(p),
-                size: 0,
-                rotate: None,
-            },
+    fn open(output: &Output, tap: Arc<crate::observe::Tap>) -> Sink {
+        let (out, size, rotate): (Box<dyn Write + Send>, u64, _) = match output {
+            Output::Stdout => (Box::new(std::io::stdout()), 0, None),
+            Output::File(p) => (open_append(p), 0, None),
             Output::Rotating {
                 path,
                 max_bytes,
                 keep,
-            } => Sink {
-                out: open_append(path),
-                size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-                rotate: Some((path.clone(), (*max_bytes).max(1), *keep)),
-            },
+            } => (
+                open_append(path),
+                std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                Some((path.clone(), (*max_bytes).max(1), *keep)),
+            ),
+        };
+        Sink {
+            out,
+            size,
+            rotate,
+            tap,
         }
     }
 
@@ -354,6 +365,7 @@ impl Sink {
         }
         let _ = writeln!(self.out, "{line}");
         self.size += len;
+        self.tap.publish(line);
     }
 
     fn flush(&mut self) {
@@ -362,12 +374,11 @@ impl Sink {
 }
 
 async fn writer(
-    output: Output,
+    mut out: Sink,
     mut rx: mpsc::Receiver<Record>,
     shed: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
 ) {
-    let mut out = Sink::open(&output);
     let mut reported = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {

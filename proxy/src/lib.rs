@@ -26,6 +26,8 @@ pub mod fqdn;
 mod framing;
 pub mod kafka;
 pub mod metrics;
+pub mod observe;
+pub mod rulesets;
 mod sockets;
 pub mod state;
 pub mod upstream;
@@ -43,11 +45,25 @@ pub use state::{PolicyHandle, PolicyState};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
     /// Policy files or directories.
-    #[arg(long = "policies", required = true, num_args = 1..)]
+    #[arg(long = "policies", num_args = 1.., required_unless_present = "agent", conflicts_with = "agent", requires = "endpoints")]
     pub policies: Vec<PathBuf>,
     /// Endpoints inventory (IP → endpoint and labels).
+    #[arg(long, conflicts_with = "agent")]
+    pub endpoints: Option<PathBuf>,
+    /// Take policy and inventory from the agent's rule-set stream on this Unix socket
+    /// (`tollgate agent --rule-socket`, `tollgate up --external-proxy`) instead of files.
+    /// Listeners start once the first version is in force; while the agent is away the last
+    /// good version is served.
     #[arg(long)]
-    pub endpoints: PathBuf,
+    pub agent: Option<PathBuf>,
+    /// Mark for the upstream sockets of transparent listeners, by which the datapath admits
+    /// flows the proxy already judged (0: none). Default: the datapath's mark.
+    #[arg(long, default_value_t = tollgate_datapath_common::PROXY_UPSTREAM_MARK)]
+    pub upstream_mark: u32,
+    /// Serve the `Observe` gRPC stream of audit records on this Unix socket
+    /// (`tollgate observe --server SOCK`).
+    #[arg(long)]
+    pub observe_socket: Option<PathBuf>,
     /// Fixed listener address (repeatable; pairs with `--to` in order).
     #[arg(long = "listen")]
     pub listen: Vec<SocketAddr>,
@@ -174,20 +190,42 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             args.to.len()
         );
     }
-    let state =
-        Arc::new(PolicyState::load(&args.policies, &args.endpoints)?.with_fqdn(fqdn.clone()));
-    for d in &state.diagnostics {
-        tracing::warn!("{d} (this rule was not loaded)");
-    }
-    let handle = PolicyHandle::new(state.clone());
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (handle, files) = match (&args.agent, &args.endpoints) {
+        (Some(socket), _) => {
+            let link = rulesets::AgentLink {
+                socket: socket.clone(),
+                fqdn: fqdn.clone(),
+                metrics: metrics.clone(),
+            };
+            (link.start().await?, None)
+        }
+        (None, Some(endpoints)) => {
+            let state =
+                Arc::new(PolicyState::load(&args.policies, endpoints)?.with_fqdn(fqdn.clone()));
+            for d in &state.diagnostics {
+                tracing::warn!("{d} (this rule was not loaded)");
+            }
+            metrics.set_revision(state.revision);
+            (
+                PolicyHandle::new(state),
+                Some((args.policies.clone(), endpoints.clone())),
+            )
+        }
+        (None, None) => bail!("give --policies DIR --endpoints FILE, or --agent SOCK"),
+    };
     let sink = audit::AuditSink::start(
         audit::Output::parse_rotating(&args.audit_log, args.audit_max_bytes, args.audit_keep)?,
         args.audit_queue,
     );
-    let metrics = Arc::new(metrics::Metrics::new());
-    metrics.set_revision(state.revision);
     let mut tasks = Vec::new();
     tokio::spawn(fqdn.clone().run_expiry());
+    if let Some(path) = &args.observe_socket {
+        eprintln!("tollgate proxy: Observe stream on {}", path.display());
+        let service = observe::ObserveService::new(sink.tap());
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move { service.serve_unix(path).await }));
+    }
     if let Some(addr) = args.metrics {
         eprintln!("tollgate proxy: metrics on http://{addr}/metrics, FQDN cache on /fqdn");
         tasks.push(tokio::spawn(metrics::serve(
@@ -218,6 +256,21 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             "tollgate proxy: DNS {} (udp+tcp) -> {dest}@{upstream}",
             l.local_addr()?
         );
+        tasks.push(tokio::spawn(l.serve()));
+    }
+    for addr in &args.dns_transparent {
+        let l = dns::DnsListener::bind_transparent(
+            *addr,
+            handle.clone(),
+            sink.clone(),
+            metrics.clone(),
+            dns::DnsOptions {
+                upstream_mark: (args.upstream_mark != 0).then_some(args.upstream_mark),
+                ..dns_opts.clone()
+            },
+        )
+        .await?;
+        eprintln!("tollgate proxy: transparent DNS listener on {addr} (udp+tcp)");
         tasks.push(tokio::spawn(l.serve()));
     }
     for (addr, to) in args.listen.iter().zip(&args.to) {
@@ -258,12 +311,19 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             Listener::bind_transparent(*addr, handle.clone(), sink.clone(), &args.deny_body)
                 .await?
                 .with_metrics(metrics.clone())
+                .with_upstream_mark((args.upstream_mark != 0).then_some(args.upstream_mark))
                 .with_audit_headers(AuditHeaders::with(&args.audit_header, &args.audit_redact));
         eprintln!("tollgate proxy: transparent listener on {addr}");
         tasks.push(tokio::spawn(serve_listener(listener)));
     }
-    if args.watch_ms > 0 {
-        tokio::spawn(watch(args.clone(), handle, metrics.clone()));
+    if let (Some((policies, endpoints)), true) = (files, args.watch_ms > 0) {
+        tokio::spawn(watch(
+            policies,
+            endpoints,
+            args.watch_ms,
+            handle,
+            metrics.clone(),
+        ));
     }
     for t in tasks {
         t.await??;
@@ -274,18 +334,24 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
 /// Reload the policy files and the inventory when they change (polling every `--watch-ms`)
 /// and swap the new policy in; a reload that would drop whole files or rules keeps the one in
 /// force ([`PolicyState::load_strict`]). Each swap is logged with how long loading took.
-async fn watch(args: ProxyArgs, handle: PolicyHandle, metrics: Arc<metrics::Metrics>) {
-    let mut seen = state::fingerprint(&args.policies, &args.endpoints);
+async fn watch(
+    policies: Vec<PathBuf>,
+    endpoints: PathBuf,
+    watch_ms: u64,
+    handle: PolicyHandle,
+    metrics: Arc<metrics::Metrics>,
+) {
+    let mut seen = state::fingerprint(&policies, &endpoints);
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(args.watch_ms)).await;
-        let now = state::fingerprint(&args.policies, &args.endpoints);
+        tokio::time::sleep(std::time::Duration::from_millis(watch_ms)).await;
+        let now = state::fingerprint(&policies, &endpoints);
         if now == seen {
             continue;
         }
         seen = now;
         let current = handle.load();
         let started = std::time::Instant::now();
-        let (policies, endpoints) = (args.policies.clone(), args.endpoints.clone());
+        let (policies, endpoints) = (policies.clone(), endpoints.clone());
         // Loading is CPU work: keep it off the threads that answer requests.
         let loaded =
             tokio::task::spawn_blocking(move || PolicyState::load_strict(&policies, &endpoints))

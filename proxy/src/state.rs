@@ -86,6 +86,43 @@ fn yaml_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Whether `d` drops more than one ingress/egress item (a file that does not parse, a policy or
+/// rule rejected whole): such a problem could drop the deny rules that keep something closed, so
+/// reloads and rule-set updates refuse it rather than apply the rest.
+pub fn loses_more_than_an_item(d: &Diagnostic) -> bool {
+    !["gress[", "gressDeny["].iter().any(|k| d.path.contains(k))
+}
+
+/// The text of every policy file and of the inventory, read once: what a policy state is
+/// built from, and what the agent streams to a proxy as rule sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// (file name, YAML) in load order.
+    pub policies: Vec<(String, String)>,
+    /// (file name, YAML) of the endpoints inventory.
+    pub inventory: (String, String),
+}
+
+impl Sources {
+    /// Read `policies` (files, or directories of `*.yaml`/`*.yml`, recursively, sorted) and
+    /// `endpoints`.
+    pub fn read(policies: &[PathBuf], endpoints: &Path) -> Result<Sources> {
+        let mut files = Vec::new();
+        for p in policies {
+            yaml_files(p, &mut files)?;
+        }
+        let mut out = Sources::default();
+        for f in files {
+            let src = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
+            out.policies.push((f.display().to_string(), src));
+        }
+        let src =
+            std::fs::read_to_string(endpoints).with_context(|| endpoints.display().to_string())?;
+        out.inventory = (endpoints.display().to_string(), src);
+        Ok(out)
+    }
+}
+
 /// A listener destination `NAME` or `NAME:PORT`: the name and the port rules name
 /// (`default` when none is given).
 pub fn split_destination(dest: &str, default: u16) -> Result<(&str, u16)> {
@@ -131,12 +168,16 @@ impl PolicyState {
     /// parse, a policy or rule rejected whole — fails the load, because the rules lost could be
     /// the deny rules that keep something closed. The caller keeps what is in force.
     pub fn load_strict(policies: &[PathBuf], endpoints: &Path) -> Result<PolicyState> {
-        let state = PolicyState::load(policies, endpoints)?;
-        let item_level = |path: &str| ["gress[", "gressDeny["].iter().any(|k| path.contains(k));
-        let blocking: Vec<String> = state
+        PolicyState::load(policies, endpoints)?.strict()
+    }
+
+    /// `self`, or an error listing its problems that lose more than one item (see
+    /// [`PolicyState::load_strict`]).
+    pub fn strict(self) -> Result<PolicyState> {
+        let blocking: Vec<String> = self
             .diagnostics
             .iter()
-            .filter(|d| !item_level(&d.path))
+            .filter(|d| loses_more_than_an_item(d))
             .map(|d| d.to_string())
             .collect();
         if !blocking.is_empty() {
@@ -146,23 +187,21 @@ impl PolicyState {
                 blocking.join("\n  ")
             );
         }
-        Ok(state)
+        Ok(self)
     }
 
     pub fn load(policies: &[PathBuf], endpoints: &Path) -> Result<PolicyState> {
+        PolicyState::from_sources(&Sources::read(policies, endpoints)?)
+    }
+
+    /// The policy of `sources` (revision 1).
+    pub fn from_sources(sources: &Sources) -> Result<PolicyState> {
         let mut set = PolicySet::default();
-        let mut files = Vec::new();
-        for p in policies {
-            yaml_files(p, &mut files)?;
+        for (name, src) in &sources.policies {
+            set.load_str(name, src);
         }
-        for f in files {
-            let src = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
-            set.load_str(&f.display().to_string(), &src);
-        }
-        let src =
-            std::fs::read_to_string(endpoints).with_context(|| endpoints.display().to_string())?;
-        let inventory =
-            Inventory::from_yaml(&src).with_context(|| endpoints.display().to_string())?;
+        let (name, src) = &sources.inventory;
+        let inventory = Inventory::from_yaml(src).with_context(|| name.clone())?;
         Ok(PolicyState::new(set, inventory, 1))
     }
 
