@@ -376,10 +376,22 @@ spec:
 /// `tollgate up` in the node namespace (nsenter switches only the network namespace: `ip
 /// netns exec` would also remount /sys, hiding the BPF filesystem the datapath pins to).
 fn start_up(t: &Topology, policies: &Path, inventory: &Path, log: &Path, audit: &Path) -> Reaped {
+    start_up_with(t, policies, inventory, log, audit, &[])
+}
+
+fn start_up_with(
+    t: &Topology,
+    policies: &Path,
+    inventory: &Path,
+    log: &Path,
+    audit: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> Reaped {
     Reaped(
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", t.node))
             .args([env!("CARGO_BIN_EXE_tollgate"), "up"])
+            .args(extra)
             .arg("--policies")
             .arg(policies)
             .arg("--endpoints")
@@ -489,5 +501,133 @@ spec:
         echo(&mut live, b"three").as_deref(),
         Some(&b"three"[..]),
         "the flow established before the restart is untouched"
+    );
+}
+
+/// `tollgate proxy --agent SOCK` in the node namespace, serving the redirect ports.
+fn start_proxy(t: &Topology, socket: &Path, log: &Path, audit: &Path) -> Reaped {
+    Reaped(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.node))
+            .args([env!("CARGO_BIN_EXE_tollgate"), "proxy", "--agent"])
+            .arg(socket)
+            .args(["--transparent", "127.0.0.1:15001"])
+            .args(["--dns-transparent", "127.0.0.1:15053"])
+            .arg("--audit-log")
+            .arg(audit)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_while_it_is_down() {
+    if !require_root(
+        "a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_while_it_is_down",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    let server = t.server.v4.to_string();
+    let _http = http_server(
+        &t.server,
+        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
+    );
+    let url = |path: &str| format!("http://{server}:8080{path}");
+    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let client_policy = policies.join("client.yaml");
+    write_atomic(
+        &client_policy,
+        &CLIENT_EGRESS.replace("PATHS", "/allowed.txt"),
+    );
+    let inventory = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "endpoints:\n  - {{name: client, namespace: prod, labels: {{app: client}}, ips: [{}], interface: {}}}\n  - {{name: server, namespace: prod, labels: {{app: server}}, ips: [{}], interface: {}}}\n",
+            t.client.v4, t.client.host_if, t.server.v4, t.server.host_if
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("rules.sock");
+    let audit = dir.path().join("audit.jsonl");
+    let up_args = [
+        std::ffi::OsStr::new("--external-proxy"),
+        std::ffi::OsStr::new("--rule-socket"),
+        socket.as_os_str(),
+    ];
+    let log1 = dir.path().join("up1.log");
+    let up = start_up_with(&t, &policies, &inventory, &log1, &audit, &up_args);
+    wait_for_log(&log1, "revision 1:");
+    assert_eq!(
+        curl_quick(&t.client.netns, &url("/allowed.txt")),
+        0,
+        "no proxy yet: the redirected flow is dropped, not passed"
+    );
+    assert_eq!(
+        curl(&t.other.netns, &url("/secret.txt")),
+        200,
+        "what no policy selects is not redirected"
+    );
+
+    let plog1 = dir.path().join("proxy1.log");
+    let proxy = start_proxy(&t, &socket, &plog1, &audit);
+    let first = until(200, || curl_quick(&t.client.netns, &url("/allowed.txt")));
+    assert_eq!(curl(&t.client.netns, &url("/secret.txt")), 403);
+    wait_for_log(&log1, "2 rule set(s) accepted, 0 rejected");
+
+    // A policy change goes agent -> kernel and agent -> proxy.
+    write_atomic(
+        &client_policy,
+        &CLIENT_EGRESS.replace("PATHS", "\"/(allowed|secret).txt\""),
+    );
+    let change = until(200, || curl(&t.client.netns, &url("/secret.txt")));
+    wait_for_log(&plog1, "agent version 2 in force");
+
+    // The agent restarts under live traffic: the proxy keeps judging with what it has, and
+    // the kernel keeps redirecting; not one request is lost.
+    let client_ns = t.client.netns.clone();
+    let allowed = url("/allowed.txt");
+    let traffic = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut codes = Vec::new();
+        while t0.elapsed() < Duration::from_secs(3) {
+            codes.push(curl(&client_ns, &allowed));
+        }
+        codes
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(up);
+    std::thread::sleep(Duration::from_millis(500));
+    let log2 = dir.path().join("up2.log");
+    let _up = start_up_with(&t, &policies, &inventory, &log2, &audit, &up_args);
+    let codes = traffic.join().unwrap();
+    assert!(
+        codes.len() >= 5 && codes.iter().all(|c| *c == 200),
+        "every request during the agent restart answered 200: {codes:?}"
+    );
+    wait_for_log(&plog1, "reconnected to the agent");
+    wait_for_log(&log2, "2 rule set(s) accepted, 0 rejected");
+
+    // The proxy goes away: redirected flows are dropped (never passed unjudged), while it is
+    // down; a new proxy process is re-synced by the agent on connect.
+    drop(proxy);
+    assert_eq!(curl_quick(&t.client.netns, &url("/secret.txt")), 0);
+    let plog2 = dir.path().join("proxy2.log");
+    let started = Instant::now();
+    let _proxy = start_proxy(&t, &socket, &plog2, &audit);
+    until(200, || curl_quick(&t.client.netns, &url("/secret.txt")));
+    let resumed = started.elapsed();
+    assert_eq!(curl(&t.client.netns, &url("/other.txt")), 403);
+    eprintln!(
+        "separate proxy: first version enforced {first:?} after it started; policy change \
+         {change:?}; {} requests during the agent restart, all 200; proxy restart to enforcing \
+         {resumed:?}",
+        codes.len()
     );
 }
