@@ -150,6 +150,19 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
     let rules = dir.path().join("rules.sock");
     let observe = dir.path().join("observe.sock");
     let port = free_udp_port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let scrape = || {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     let proxy_log = dir.path().join("proxy.log");
     let start_proxy = |log: &Path| {
         Reaped(
@@ -160,6 +173,7 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
                 .arg(&observe)
                 .args(["--dns-listen", &format!("127.0.0.1:{port}")])
                 .args(["--dns-to", &format!("kube-dns@127.0.0.1:{up}")])
+                .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
@@ -217,12 +231,20 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
         )) && logged.contains(&format!("{other}:6: spec.egres")),
         "{logged}"
     );
+    let m = scrape();
+    assert!(
+        m.contains("tollgate_rule_sets{outcome=\"rejected\"} 1")
+            && m.contains("tollgate_rule_sets{outcome=\"accepted\"} 2")
+            && m.contains("tollgate_agent_connected 1"),
+        "{m}"
+    );
     write_atomic(&other_file, OTHER_POLICY);
     wait_for_log(&agent_log, "3 rule set(s) accepted, 0 rejected");
 
     // Agent away: the proxy keeps answering with what it has, every query.
     drop(agent);
     wait_for_log(&proxy_log, "serving revision");
+    assert!(scrape().contains("tollgate_agent_connected 0"));
     for _ in 0..20 {
         assert_eq!(status(port, "db.example.org"), "NOERROR");
     }

@@ -35,6 +35,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleSetLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabels {
     protocol: &'static str,
 }
@@ -69,6 +74,9 @@ pub struct Metrics {
     http_duration: Histogram,
     dns_duration: Histogram,
     revision: Gauge,
+    agent_version: Gauge,
+    agent_connected: Gauge,
+    rule_sets: Family<RuleSetLabels, Gauge>,
     queued: Gauge,
     written: Gauge,
     shed: Gauge,
@@ -91,6 +99,9 @@ impl Metrics {
                 duration_histogram,
             );
         let revision = Gauge::default();
+        let agent_version = Gauge::default();
+        let agent_connected = Gauge::default();
+        let rule_sets = Family::<RuleSetLabels, Gauge>::default();
         let queued = Gauge::default();
         let written = Gauge::default();
         let shed = Gauge::default();
@@ -119,6 +130,22 @@ impl Metrics {
             "tollgate_policy_revision",
             "Revision of the policy in force",
             revision.clone(),
+        );
+        registry.register(
+            "tollgate_agent_version",
+            "Version of the agent's rule sets last applied (--agent mode)",
+            agent_version.clone(),
+        );
+        registry.register(
+            "tollgate_agent_connected",
+            "1 while the rule-set stream from the agent is open (--agent mode)",
+            agent_connected.clone(),
+        );
+        registry.register(
+            "tollgate_rule_sets",
+            "Rule sets of the agent's last update, by outcome (rejected: NACKed, the previous \
+             generation stays in force)",
+            rule_sets.clone(),
         );
         registry.register(
             "tollgate_audit_queue_depth",
@@ -151,6 +178,9 @@ impl Metrics {
             dns_duration,
             durations,
             revision,
+            agent_version,
+            agent_connected,
+            rule_sets,
             queued,
             written,
             shed,
@@ -202,6 +232,22 @@ impl Metrics {
     pub fn set_revision(&self, revision: u64) {
         self.revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// The outcome of the agent's update `version`.
+    pub fn set_rule_sets(&self, version: u64, accepted: usize, rejected: usize) {
+        self.agent_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        for (outcome, n) in [("accepted", accepted), ("rejected", rejected)] {
+            self.rule_sets
+                .get_or_create(&RuleSetLabels { outcome })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Whether the rule-set stream is open.
+    pub fn set_agent_connected(&self, connected: bool) {
+        self.agent_connected.set(i64::from(connected));
     }
 
     /// Count one protocol event (`protocol`, `event` are fixed names: bounded cardinality).

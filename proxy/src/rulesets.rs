@@ -259,7 +259,9 @@ impl AgentLink {
         let mut backoff = Backoff::default();
         loop {
             if let Some(s) = session.take() {
-                match self.run(&mut book, &handle, s).await {
+                let ended = self.run(&mut book, &handle, s).await;
+                self.metrics.set_agent_connected(false);
+                match ended {
                     Ok(()) => eprintln!(
                         "tollgate proxy: the agent closed the rule-set stream; serving revision {}",
                         handle.load().revision
@@ -285,7 +287,7 @@ impl AgentLink {
         let mut s = self.open(0).await?;
         while let Some(update) = s.updates.message().await? {
             let (state, ack) = apply_blocking(book, update).await?;
-            report(&ack);
+            report(&ack, &self.metrics);
             let _ = s.acks.send(ack_message(ack)).await;
             if let Some(state) = state {
                 self.metrics.set_revision(state.revision);
@@ -310,6 +312,7 @@ impl AgentLink {
             .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
+        self.metrics.set_agent_connected(true);
         Ok(Session { updates, acks: tx })
     }
 
@@ -323,7 +326,7 @@ impl AgentLink {
             let started = Instant::now();
             let version = update.version;
             let (state, ack) = apply_blocking(book, update).await?;
-            report(&ack);
+            report(&ack, &self.metrics);
             if let Some(state) = state {
                 let revision = state.revision;
                 handle.store(Arc::new(state.with_fqdn(self.fqdn.clone())));
@@ -368,7 +371,9 @@ async fn apply_blocking(
     Ok(out)
 }
 
-fn report(ack: &Ack) {
+fn report(ack: &Ack, metrics: &Metrics) {
+    let rejected = ack.results.iter().filter(|r| !r.accepted).count();
+    metrics.set_rule_sets(ack.version, ack.results.len() - rejected, rejected);
     for r in ack.results.iter().filter(|r| !r.accepted) {
         eprintln!(
             "tollgate proxy: rejected rule set {} (generation {:x}); in force: {}",
