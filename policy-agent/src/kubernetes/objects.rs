@@ -90,6 +90,9 @@ impl PolicyKind {
     }
 }
 
+/// The prefix of the annotations given to the loader.
+pub const TOLLGATE_ANNOTATIONS: &str = "tollgate.io/";
+
 /// The document the loader reads for `obj` (see the module docs).
 pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     let mut doc = Map::new();
@@ -102,11 +105,19 @@ pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     if let Some(ns) = &obj.metadata.namespace {
         meta.insert("namespace".into(), Value::String(ns.clone()));
     }
+    // Only our own annotations mean anything to the loader (`tollgate.io/enforcement`); the
+    // others (kubectl's last-applied-configuration is a whole copy of the object) are left out.
     if let Some(a) = &obj.metadata.annotations {
-        meta.insert(
-            "annotations".into(),
-            serde_json::to_value(a).unwrap_or_default(),
-        );
+        let ours: BTreeMap<&String, &String> = a
+            .iter()
+            .filter(|(k, _)| k.starts_with(TOLLGATE_ANNOTATIONS))
+            .collect();
+        if !ours.is_empty() {
+            meta.insert(
+                "annotations".into(),
+                serde_json::to_value(ours).unwrap_or_default(),
+            );
+        }
     }
     doc.insert("metadata".into(), Value::Object(meta));
     if let Value::Object(data) = &obj.data {
@@ -120,6 +131,56 @@ pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     Value::Object(doc)
 }
 
+/// [`policy_document`] as the text the loader reads: JSON is YAML, so the loader's own parser
+/// reads it and kube objects and files take the same path through validation.
+pub fn document_text(kind: &PolicyKind, obj: &DynamicObject) -> String {
+    serde_json::to_string_pretty(&policy_document(kind, obj)).unwrap_or_default()
+}
+
+/// What the agent reads of a pod ([`endpoint_of`], [`build_inventory`]): everything else is
+/// dropped before the reflector stores it (`managedFields`, annotations, container images,
+/// env, volumes, conditions, container statuses…).
+pub fn strip_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let m = &mut pod.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    if let Some(spec) = &mut pod.spec {
+        *spec = PodSpec {
+            containers: std::mem::take(&mut spec.containers)
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            host_network: spec.host_network,
+            service_account_name: spec.service_account_name.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(st) = &mut pod.status {
+        *st = PodStatus {
+            phase: st.phase.take(),
+            pod_ip: st.pod_ip.take(),
+            pod_ips: st.pod_ips.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// What the agent reads of a namespace: its name and labels.
+pub fn strip_namespace(ns: &mut Namespace) {
+    let m = &mut ns.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    ns.spec = None;
+    ns.status = None;
+}
+
 /// The loader's input for `objects`: (source name, document text), in a stable order (so the
 /// same objects always give the same rule order).
 pub fn policy_sources<'a>(
@@ -129,13 +190,7 @@ pub fn policy_sources<'a>(
     objects.sort_by_key(|(k, o)| (*k, o.metadata.namespace.clone(), o.metadata.name.clone()));
     objects
         .into_iter()
-        .map(|(kind, obj)| {
-            // JSON is YAML: the loader's own parser reads it, so kube objects and files take
-            // the same path through validation.
-            let text =
-                serde_json::to_string_pretty(&policy_document(&kind, obj)).unwrap_or_default();
-            (kind.source_name(obj), text)
-        })
+        .map(|(kind, obj)| (kind.source_name(obj), document_text(&kind, obj)))
         .collect()
 }
 
@@ -183,8 +238,21 @@ impl PolicyCache {
         &mut self,
         objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
     ) -> u64 {
+        let objects: Vec<(PolicyKind, &DynamicObject, String)> = objects
+            .into_iter()
+            .map(|(k, o)| (k, o, document_text(&k, o)))
+            .collect();
+        self.refresh_documents(objects.iter().map(|(k, o, t)| (*k, *o, t.as_str())))
+    }
+
+    /// [`PolicyCache::refresh`] with each object's [`document_text`] given (the object itself
+    /// is read for its name, namespace and resourceVersion only).
+    pub fn refresh_documents<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a str)>,
+    ) -> u64 {
         let mut next = BTreeMap::new();
-        for (kind, obj) in objects {
+        for (kind, obj, text) in objects {
             let key = (
                 kind,
                 obj.metadata.namespace.clone(),
@@ -193,26 +261,22 @@ impl PolicyCache {
             let rv = obj.metadata.resource_version.clone();
             let cached = match self.by_object.remove(&key) {
                 Some(c) if c.resource_version.is_some() && c.resource_version == rv => c,
-                old => {
-                    let text = serde_json::to_string_pretty(&policy_document(&kind, obj))
-                        .unwrap_or_default();
-                    match old {
-                        Some(mut c) if c.text == text => {
-                            c.resource_version = rv;
-                            c
-                        }
-                        _ => {
-                            let name = kind.source_name(obj);
-                            let set = load_sources(&[(name, text.clone())]);
-                            Cached {
-                                resource_version: rv,
-                                hash: fnv(text.bytes(), FNV_OFFSET),
-                                text,
-                                set,
-                            }
+                old => match old {
+                    Some(mut c) if c.text == text => {
+                        c.resource_version = rv;
+                        c
+                    }
+                    _ => {
+                        let name = kind.source_name(obj);
+                        let set = load_sources(&[(name, text.to_string())]);
+                        Cached {
+                            resource_version: rv,
+                            hash: fnv(text.bytes(), FNV_OFFSET),
+                            text: text.to_string(),
+                            set,
                         }
                     }
-                }
+                },
             };
             next.insert(key, cached);
         }
