@@ -10,12 +10,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Map, Value};
 use tollgate_policy::endpoints::{EndpointSpec, Inventory, NamespaceSpec};
 use tollgate_policy::load::{Diagnostic, PolicySet};
+use tollgate_policy::model::{CompiledRule, PolicyMeta};
 
 /// A policy kind the agent watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -215,10 +217,32 @@ pub struct PolicyCache {
 #[derive(Debug)]
 struct Cached {
     resource_version: Option<String>,
-    text: String,
+    /// Shared with the store's copy ([`super::source::StoredPolicy`]).
+    text: Arc<str>,
     /// FNV-1a of `text`.
     hash: u64,
-    set: PolicySet,
+    set: Loaded,
+}
+
+/// One object's part of a [`PolicySet`], without the set's duplicate index and spare
+/// capacity (10,000 objects each had their own).
+#[derive(Debug)]
+struct Loaded {
+    rules: Box<[CompiledRule]>,
+    policies: Box<[Arc<PolicyMeta>]>,
+    diagnostics: Box<[Diagnostic]>,
+    skipped: Box<[String]>,
+}
+
+impl From<PolicySet> for Loaded {
+    fn from(set: PolicySet) -> Loaded {
+        Loaded {
+            rules: set.rules.into_boxed_slice(),
+            policies: set.policies.into_boxed_slice(),
+            diagnostics: set.diagnostics.into_boxed_slice(),
+            skipped: set.skipped.into_boxed_slice(),
+        }
+    }
 }
 
 fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
@@ -238,18 +262,18 @@ impl PolicyCache {
         &mut self,
         objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
     ) -> u64 {
-        let objects: Vec<(PolicyKind, &DynamicObject, String)> = objects
+        let objects: Vec<(PolicyKind, &DynamicObject, Arc<str>)> = objects
             .into_iter()
-            .map(|(k, o)| (k, o, document_text(&k, o)))
+            .map(|(k, o)| (k, o, document_text(&k, o).into()))
             .collect();
-        self.refresh_documents(objects.iter().map(|(k, o, t)| (*k, *o, t.as_str())))
+        self.refresh_documents(objects.iter().map(|(k, o, t)| (*k, *o, t)))
     }
 
     /// [`PolicyCache::refresh`] with each object's [`document_text`] given (the object itself
     /// is read for its name, namespace and resourceVersion only).
     pub fn refresh_documents<'a>(
         &mut self,
-        objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a str)>,
+        objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a Arc<str>)>,
     ) -> u64 {
         let mut next = BTreeMap::new();
         for (kind, obj, text) in objects {
@@ -262,17 +286,17 @@ impl PolicyCache {
             let cached = match self.by_object.remove(&key) {
                 Some(c) if c.resource_version.is_some() && c.resource_version == rv => c,
                 old => match old {
-                    Some(mut c) if c.text == text => {
+                    Some(mut c) if *c.text == **text => {
                         c.resource_version = rv;
                         c
                     }
                     _ => {
                         let name = kind.source_name(obj);
-                        let set = load_sources(&[(name, text.to_string())]);
+                        let set = load_sources(&[(name, text.to_string())]).into();
                         Cached {
                             resource_version: rv,
                             hash: fnv(text.bytes(), FNV_OFFSET),
-                            text: text.to_string(),
+                            text: text.clone(),
                             set,
                         }
                     }

@@ -165,12 +165,12 @@ where
 #[derive(Debug)]
 pub struct StoredPolicy {
     pub obj: DynamicObject,
-    pub text: String,
+    pub text: Arc<str>,
 }
 
 impl StoredPolicy {
     pub fn new(kind: &PolicyKind, mut obj: DynamicObject) -> StoredPolicy {
-        let text = objects::document_text(kind, &obj);
+        let text = objects::document_text(kind, &obj).into();
         let status = match &mut obj.data {
             Value::Object(data) => data.remove("status"),
             _ => None,
@@ -332,7 +332,7 @@ impl Loop {
         let objects = self.policy_objects();
         let policies_key = self
             .cache
-            .refresh_documents(objects.iter().map(|(k, o)| (*k, &o.obj, o.text.as_str())));
+            .refresh_documents(objects.iter().map(|(k, o)| (*k, &o.obj, &o.text)));
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
         let (mut inventory, notes) = objects::build_inventory(
