@@ -212,6 +212,8 @@ pub fn load_sources(sources: &[(String, String)]) -> PolicySet {
 #[derive(Debug, Default)]
 pub struct PolicyCache {
     by_object: BTreeMap<(PolicyKind, Option<String>, Option<String>), Cached>,
+    /// Of the last [`PolicyCache::refresh_documents`]: entries not seen by it are dropped.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -222,6 +224,8 @@ struct Cached {
     /// FNV-1a of `text`.
     hash: u64,
     set: Loaded,
+    /// The last refresh that saw the object.
+    seen: u64,
 }
 
 /// One object's part of a [`PolicySet`], without the set's duplicate index and spare
@@ -275,36 +279,44 @@ impl PolicyCache {
         &mut self,
         objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a Arc<str>)>,
     ) -> u64 {
-        let mut next = BTreeMap::new();
+        // In place: a change touches one entry, the others are only marked as still there.
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
         for (kind, obj, text) in objects {
             let key = (
                 kind,
                 obj.metadata.namespace.clone(),
                 obj.metadata.name.clone(),
             );
-            let rv = obj.metadata.resource_version.clone();
-            let cached = match self.by_object.remove(&key) {
-                Some(c) if c.resource_version.is_some() && c.resource_version == rv => c,
-                old => match old {
-                    Some(mut c) if *c.text == **text => {
-                        c.resource_version = rv;
-                        c
-                    }
-                    _ => {
-                        let name = kind.source_name(obj);
-                        let set = load_sources(&[(name, text.to_string())]).into();
+            let rv = &obj.metadata.resource_version;
+            match self.by_object.get_mut(&key) {
+                // The same object, or (a status-only change) the same document: keep what was
+                // loaded, and take the store's copy of the text so only one is kept.
+                Some(c)
+                    if (c.resource_version.is_some() && c.resource_version == *rv)
+                        || *c.text == **text =>
+                {
+                    c.resource_version.clone_from(rv);
+                    c.text = text.clone();
+                    c.seen = generation;
+                }
+                _ => {
+                    let name = kind.source_name(obj);
+                    let set = load_sources(&[(name, text.to_string())]).into();
+                    self.by_object.insert(
+                        key,
                         Cached {
-                            resource_version: rv,
+                            resource_version: rv.clone(),
                             hash: fnv(text.bytes(), FNV_OFFSET),
                             text: text.clone(),
                             set,
-                        }
-                    }
-                },
-            };
-            next.insert(key, cached);
+                            seen: generation,
+                        },
+                    );
+                }
+            }
         }
-        self.by_object = next;
+        self.by_object.retain(|_, c| c.seen == generation);
         self.by_object
             .values()
             .fold(FNV_OFFSET, |h, c| fnv(c.hash.to_le_bytes(), h))
@@ -313,6 +325,9 @@ impl PolicyCache {
     /// Every object's rules, policies and problems, in a stable order.
     pub fn policy_set(&self) -> PolicySet {
         let mut out = PolicySet::default();
+        let count = |f: fn(&Loaded) -> usize| self.by_object.values().map(|c| f(&c.set)).sum();
+        out.rules.reserve_exact(count(|l| l.rules.len()));
+        out.policies.reserve_exact(count(|l| l.policies.len()));
         for c in self.by_object.values() {
             out.rules.extend(c.set.rules.iter().cloned());
             out.policies.extend(c.set.policies.iter().cloned());
