@@ -660,6 +660,46 @@ mod tests {
     }
 
     #[test]
+    fn stripped_pods_give_the_same_endpoint_and_policies_keep_only_our_annotations() {
+        let full = pod(serde_json::json!({
+            "metadata": {"name": "api-1", "namespace": "prod", "labels": {"app": "api"},
+                         "annotations": {"big": "x"}, "managedFields": [{"manager": "k"}]},
+            "spec": {"serviceAccountName": "api", "nodeName": "n1", "containers": [{"name": "c",
+                "image": "img", "env": [{"name": "A", "value": "1"}],
+                "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }));
+        let mut stripped = full.clone();
+        strip_pod(&mut stripped);
+        assert_eq!(endpoint_of(&stripped), endpoint_of(&full));
+        assert!(stripped.metadata.annotations.is_none());
+        assert!(
+            stripped.spec.as_ref().unwrap().containers[0]
+                .image
+                .is_none()
+        );
+        assert!(stripped.status.as_ref().unwrap().conditions.is_none());
+
+        let cnp = obj(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n", "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "tollgate.io/enforcement": "audit"}},
+            "spec": {"endpointSelector": {}, "ingress": [{}]},
+        }));
+        let doc = policy_document(&CILIUM_NETWORK_POLICY, &cnp);
+        assert_eq!(
+            doc["metadata"]["annotations"],
+            serde_json::json!({"tollgate.io/enforcement": "audit"})
+        );
+        let set = load_policies([(CILIUM_NETWORK_POLICY, &cnp)]);
+        assert_eq!(
+            set.rules[0].enforcement,
+            tollgate_policy::api::Enforcement::Audit
+        );
+    }
+
+    #[test]
     fn an_ip_claimed_twice_stays_with_the_live_pod_and_is_reported() {
         let old = pod(
             serde_json::json!({"metadata": {"name": "a", "namespace": "n",
