@@ -10,12 +10,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Map, Value};
 use tollgate_policy::endpoints::{EndpointSpec, Inventory, NamespaceSpec};
 use tollgate_policy::load::{Diagnostic, PolicySet};
+use tollgate_policy::model::{CompiledRule, PolicyMeta};
 
 /// A policy kind the agent watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,6 +92,9 @@ impl PolicyKind {
     }
 }
 
+/// The prefix of the annotations given to the loader.
+pub const TOLLGATE_ANNOTATIONS: &str = "tollgate.io/";
+
 /// The document the loader reads for `obj` (see the module docs).
 pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     let mut doc = Map::new();
@@ -102,11 +107,19 @@ pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     if let Some(ns) = &obj.metadata.namespace {
         meta.insert("namespace".into(), Value::String(ns.clone()));
     }
+    // Only our own annotations mean anything to the loader (`tollgate.io/enforcement`); the
+    // others (kubectl's last-applied-configuration is a whole copy of the object) are left out.
     if let Some(a) = &obj.metadata.annotations {
-        meta.insert(
-            "annotations".into(),
-            serde_json::to_value(a).unwrap_or_default(),
-        );
+        let ours: BTreeMap<&String, &String> = a
+            .iter()
+            .filter(|(k, _)| k.starts_with(TOLLGATE_ANNOTATIONS))
+            .collect();
+        if !ours.is_empty() {
+            meta.insert(
+                "annotations".into(),
+                serde_json::to_value(ours).unwrap_or_default(),
+            );
+        }
     }
     doc.insert("metadata".into(), Value::Object(meta));
     if let Value::Object(data) = &obj.data {
@@ -120,6 +133,56 @@ pub fn policy_document(kind: &PolicyKind, obj: &DynamicObject) -> Value {
     Value::Object(doc)
 }
 
+/// [`policy_document`] as the text the loader reads: JSON is YAML, so the loader's own parser
+/// reads it and kube objects and files take the same path through validation.
+pub fn document_text(kind: &PolicyKind, obj: &DynamicObject) -> String {
+    serde_json::to_string_pretty(&policy_document(kind, obj)).unwrap_or_default()
+}
+
+/// What the agent reads of a pod ([`endpoint_of`], [`build_inventory`]): everything else is
+/// dropped before the reflector stores it (`managedFields`, annotations, container images,
+/// env, volumes, conditions, container statuses…).
+pub fn strip_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let m = &mut pod.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    if let Some(spec) = &mut pod.spec {
+        *spec = PodSpec {
+            containers: std::mem::take(&mut spec.containers)
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            host_network: spec.host_network,
+            service_account_name: spec.service_account_name.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(st) = &mut pod.status {
+        *st = PodStatus {
+            phase: st.phase.take(),
+            pod_ip: st.pod_ip.take(),
+            pod_ips: st.pod_ips.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// What the agent reads of a namespace: its name and labels.
+pub fn strip_namespace(ns: &mut Namespace) {
+    let m = &mut ns.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    ns.spec = None;
+    ns.status = None;
+}
+
 /// The loader's input for `objects`: (source name, document text), in a stable order (so the
 /// same objects always give the same rule order).
 pub fn policy_sources<'a>(
@@ -129,13 +192,7 @@ pub fn policy_sources<'a>(
     objects.sort_by_key(|(k, o)| (*k, o.metadata.namespace.clone(), o.metadata.name.clone()));
     objects
         .into_iter()
-        .map(|(kind, obj)| {
-            // JSON is YAML: the loader's own parser reads it, so kube objects and files take
-            // the same path through validation.
-            let text =
-                serde_json::to_string_pretty(&policy_document(&kind, obj)).unwrap_or_default();
-            (kind.source_name(obj), text)
-        })
+        .map(|(kind, obj)| (kind.source_name(obj), document_text(&kind, obj)))
         .collect()
 }
 
@@ -155,15 +212,41 @@ pub fn load_sources(sources: &[(String, String)]) -> PolicySet {
 #[derive(Debug, Default)]
 pub struct PolicyCache {
     by_object: BTreeMap<(PolicyKind, Option<String>, Option<String>), Cached>,
+    /// Of the last [`PolicyCache::refresh_documents`]: entries not seen by it are dropped.
+    generation: u64,
 }
 
 #[derive(Debug)]
 struct Cached {
     resource_version: Option<String>,
-    text: String,
+    /// Shared with the store's copy ([`super::source::StoredPolicy`]).
+    text: Arc<str>,
     /// FNV-1a of `text`.
     hash: u64,
-    set: PolicySet,
+    set: Loaded,
+    /// The last refresh that saw the object.
+    seen: u64,
+}
+
+/// One object's part of a [`PolicySet`], without the set's duplicate index and spare
+/// capacity (10,000 objects each had their own).
+#[derive(Debug)]
+struct Loaded {
+    rules: Box<[CompiledRule]>,
+    policies: Box<[Arc<PolicyMeta>]>,
+    diagnostics: Box<[Diagnostic]>,
+    skipped: Box<[String]>,
+}
+
+impl From<PolicySet> for Loaded {
+    fn from(set: PolicySet) -> Loaded {
+        Loaded {
+            rules: set.rules.into_boxed_slice(),
+            policies: set.policies.into_boxed_slice(),
+            diagnostics: set.diagnostics.into_boxed_slice(),
+            skipped: set.skipped.into_boxed_slice(),
+        }
+    }
 }
 
 fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
@@ -183,40 +266,57 @@ impl PolicyCache {
         &mut self,
         objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject)>,
     ) -> u64 {
-        let mut next = BTreeMap::new();
-        for (kind, obj) in objects {
+        let objects: Vec<(PolicyKind, &DynamicObject, Arc<str>)> = objects
+            .into_iter()
+            .map(|(k, o)| (k, o, document_text(&k, o).into()))
+            .collect();
+        self.refresh_documents(objects.iter().map(|(k, o, t)| (*k, *o, t)))
+    }
+
+    /// [`PolicyCache::refresh`] with each object's [`document_text`] given (the object itself
+    /// is read for its name, namespace and resourceVersion only).
+    pub fn refresh_documents<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a Arc<str>)>,
+    ) -> u64 {
+        // In place: a change touches one entry, the others are only marked as still there.
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        for (kind, obj, text) in objects {
             let key = (
                 kind,
                 obj.metadata.namespace.clone(),
                 obj.metadata.name.clone(),
             );
-            let rv = obj.metadata.resource_version.clone();
-            let cached = match self.by_object.remove(&key) {
-                Some(c) if c.resource_version.is_some() && c.resource_version == rv => c,
-                old => {
-                    let text = serde_json::to_string_pretty(&policy_document(&kind, obj))
-                        .unwrap_or_default();
-                    match old {
-                        Some(mut c) if c.text == text => {
-                            c.resource_version = rv;
-                            c
-                        }
-                        _ => {
-                            let name = kind.source_name(obj);
-                            let set = load_sources(&[(name, text.clone())]);
-                            Cached {
-                                resource_version: rv,
-                                hash: fnv(text.bytes(), FNV_OFFSET),
-                                text,
-                                set,
-                            }
-                        }
-                    }
+            let rv = &obj.metadata.resource_version;
+            match self.by_object.get_mut(&key) {
+                // The same object, or (a status-only change) the same document: keep what was
+                // loaded, and take the store's copy of the text so only one is kept.
+                Some(c)
+                    if (c.resource_version.is_some() && c.resource_version == *rv)
+                        || *c.text == **text =>
+                {
+                    c.resource_version.clone_from(rv);
+                    c.text = text.clone();
+                    c.seen = generation;
                 }
-            };
-            next.insert(key, cached);
+                _ => {
+                    let name = kind.source_name(obj);
+                    let set = load_sources(&[(name, text.to_string())]).into();
+                    self.by_object.insert(
+                        key,
+                        Cached {
+                            resource_version: rv.clone(),
+                            hash: fnv(text.bytes(), FNV_OFFSET),
+                            text: text.clone(),
+                            set,
+                            seen: generation,
+                        },
+                    );
+                }
+            }
         }
-        self.by_object = next;
+        self.by_object.retain(|_, c| c.seen == generation);
         self.by_object
             .values()
             .fold(FNV_OFFSET, |h, c| fnv(c.hash.to_le_bytes(), h))
@@ -225,6 +325,9 @@ impl PolicyCache {
     /// Every object's rules, policies and problems, in a stable order.
     pub fn policy_set(&self) -> PolicySet {
         let mut out = PolicySet::default();
+        let count = |f: fn(&Loaded) -> usize| self.by_object.values().map(|c| f(&c.set)).sum();
+        out.rules.reserve_exact(count(|l| l.rules.len()));
+        out.policies.reserve_exact(count(|l| l.policies.len()));
         for c in self.by_object.values() {
             out.rules.extend(c.set.rules.iter().cloned());
             out.policies.extend(c.set.policies.iter().cloned());
@@ -553,6 +656,46 @@ mod tests {
         assert_eq!(
             endpoint_of(&bad).unwrap_err(),
             "status.podIP: `10.0.0.999` is not an IP address"
+        );
+    }
+
+    #[test]
+    fn stripped_pods_give_the_same_endpoint_and_policies_keep_only_our_annotations() {
+        let full = pod(serde_json::json!({
+            "metadata": {"name": "api-1", "namespace": "prod", "labels": {"app": "api"},
+                         "annotations": {"big": "x"}, "managedFields": [{"manager": "k"}]},
+            "spec": {"serviceAccountName": "api", "nodeName": "n1", "containers": [{"name": "c",
+                "image": "img", "env": [{"name": "A", "value": "1"}],
+                "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }));
+        let mut stripped = full.clone();
+        strip_pod(&mut stripped);
+        assert_eq!(endpoint_of(&stripped), endpoint_of(&full));
+        assert!(stripped.metadata.annotations.is_none());
+        assert!(
+            stripped.spec.as_ref().unwrap().containers[0]
+                .image
+                .is_none()
+        );
+        assert!(stripped.status.as_ref().unwrap().conditions.is_none());
+
+        let cnp = obj(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n", "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "tollgate.io/enforcement": "audit"}},
+            "spec": {"endpointSelector": {}, "ingress": [{}]},
+        }));
+        let doc = policy_document(&CILIUM_NETWORK_POLICY, &cnp);
+        assert_eq!(
+            doc["metadata"]["annotations"],
+            serde_json::json!({"tollgate.io/enforcement": "audit"})
+        );
+        let set = load_policies([(CILIUM_NETWORK_POLICY, &cnp)]);
+        assert_eq!(
+            set.rules[0].enforcement,
+            tollgate_policy::api::Enforcement::Audit
         );
     }
 

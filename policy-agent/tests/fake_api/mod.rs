@@ -5,7 +5,8 @@
 //! tested against this: plain HTTP/1.1 on 127.0.0.1:0, spoken to by a real `kube::Client`
 //! (`kube::Config::new(url)`), implementing what the agent uses, with the semantics that matter:
 //!
-//! * list (`GET …/plural`) with the collection's `metadata.resourceVersion`;
+//! * list (`GET …/plural`) with the collection's `metadata.resourceVersion`, in pages when a
+//!   `limit` is given (`metadata.continue`, as kube-runtime's watcher asks for 500 at a time);
 //! * watch (`?watch=true|1&resourceVersion=R&allowWatchBookmarks=true`): every event after `R`
 //!   from the history, then live events, one JSON object per line; a `BOOKMARK` after the
 //!   replay when bookmarks are asked for; `R` older than the compacted history → an `ERROR`
@@ -304,6 +305,25 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// A continue token: hex of `rv`, namespace and name (no characters a query string escapes).
+fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
+    format!("{rv}\0{ns}\0{name}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_continue(token: &str) -> Option<(u64, (String, String))> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let mut parts = text.split('\0');
+    let rv = parts.next()?.parse().ok()?;
+    Some((rv, (parts.next()?.to_string(), parts.next()?.to_string())))
+}
+
 /// Where a request goes: kind, namespace, name, subresource.
 type Route = (Kind, Option<String>, Option<String>, Option<String>);
 
@@ -382,16 +402,39 @@ async fn handle(
             }
             let mut s = state.lock().unwrap();
             s.count("list", kind.plural);
-            let items: Vec<Value> = s
-                .objects
-                .iter()
-                .filter(|((p, n, _), _)| *p == kind.plural && ns.as_ref().is_none_or(|ns| ns == n))
-                .map(|(_, v)| v.clone())
-                .collect();
+            // Pages (`limit`, `continue`) as a real API server serves them: the continue token
+            // names the last object returned and the resourceVersion of the first page, which
+            // every page reports (changes in between reach the watch from that version).
+            let limit: usize = query
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let (list_rv, after) = match query.get("continue").and_then(|c| decode_continue(c)) {
+                Some((rv, key)) => (rv, Some(key)),
+                None => (s.rv, None),
+            };
+            let mut matching = s.objects.iter().filter(|((p, n, name), _)| {
+                *p == kind.plural
+                    && ns.as_ref().is_none_or(|ns| ns == n)
+                    && after.as_ref().is_none_or(|a| (n, name) > (&a.0, &a.1))
+            });
+            let mut items: Vec<Value> = Vec::new();
+            let mut last = None;
+            for ((_, n, name), v) in matching.by_ref().take(limit) {
+                items.push(v.clone());
+                last = Some((n.clone(), name.clone()));
+            }
+            let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+            if matching.next().is_some()
+                && let Some((n, name)) = last
+            {
+                metadata["continue"] = json!(encode_continue(list_rv, &n, &name));
+            }
             Ok(reply(
                 200,
                 &json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+                "metadata": metadata, "items": items}),
             ))
         }
         (Method::GET, Some(name), None) => {

@@ -6,6 +6,7 @@
 //! A set looks exact names up in a hash map and runs every pattern at once in one automaton.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -147,7 +148,8 @@ pub struct DnsRuleSet {
     /// All patterns in one automaton. Every pattern is anchored at both ends, so a leftmost-
     /// first search reports the lowest-index pattern that matches: the first matching rule,
     /// without computing the whole set of matches.
-    patterns: Option<regex_automata::meta::Regex>,
+    /// Shared with every set of the same patterns (see [`cached_automaton`]).
+    patterns: Option<Arc<regex_automata::meta::Regex>>,
     /// Rule index of each pattern of `patterns`.
     pattern_rule: Vec<usize>,
 }
@@ -215,17 +217,18 @@ impl DnsRuleSet {
 }
 
 /// Automata shared between rule sets with the same patterns — across policy reloads too, so a
-/// change that adds names does not recompile a thousand unchanged patterns. A clone shares the
-/// compiled automaton. Bounded: cleared when it grows past 1,024 entries.
-fn cached_automaton(sources: &[String]) -> Option<regex_automata::meta::Regex> {
+/// change that adds names does not recompile a thousand unchanged patterns. Shared through an
+/// `Arc` (a clone of the automaton would get its own pool of match caches). Bounded: cleared
+/// when it grows past 1,024 entries.
+fn cached_automaton(sources: &[String]) -> Option<Arc<regex_automata::meta::Regex>> {
     use std::sync::{Mutex, OnceLock};
-    type Cache = Mutex<HashMap<Vec<String>, regex_automata::meta::Regex>>;
+    type Cache = Mutex<HashMap<Vec<String>, Arc<regex_automata::meta::Regex>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(re) = cache.lock().ok().and_then(|c| c.get(sources).cloned()) {
         return Some(re);
     }
-    let re = regex_automata::meta::Regex::new_many(sources).ok()?;
+    let re = Arc::new(regex_automata::meta::Regex::new_many(sources).ok()?);
     if let Ok(mut c) = cache.lock() {
         if c.len() >= 1024 {
             c.clear();

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use regex::{Regex, RegexSet, RegexSetBuilder};
@@ -240,7 +241,8 @@ pub fn compile_http_rule(r: &api::HttpRule, ext: bool) -> Result<CompiledHttpRul
 /// One regex field of a set: distinct patterns and, per rule, its pattern index.
 #[derive(Debug, Clone)]
 struct FieldSet {
-    set: Option<RegexSet>,
+    /// Shared with every set of the same patterns (see [`cached_set`]).
+    set: Option<Arc<RegexSet>>,
     /// Per rule: `None` = the rule does not constrain this field.
     index: Vec<Option<usize>>,
 }
@@ -286,21 +288,25 @@ impl FieldSet {
 }
 
 /// Compiled sets shared between rule lists with the same patterns (policies repeat their
-/// paths a lot: 10,000 policies often hold a few hundred distinct lists). A `RegexSet` clone
-/// shares its compiled program. Bounded: cleared when it grows past `SET_CACHE_MAX` entries.
-fn cached_set(patterns: &[&str]) -> Result<RegexSet, regex::Error> {
+/// paths a lot: 10,000 policies often hold a few hundred distinct lists). Shared through an
+/// `Arc`, not cloned: a `RegexSet` clone shares the compiled program but gets its own pool of
+/// match caches (a few KiB each, and a lazy DFA per pool once used), which at 10,000 rule lists
+/// was most of their memory. Bounded: cleared when it grows past `SET_CACHE_MAX` entries.
+fn cached_set(patterns: &[&str]) -> Result<Arc<RegexSet>, regex::Error> {
     use std::sync::{Mutex, OnceLock};
     const SET_CACHE_MAX: usize = 4096;
-    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, RegexSet>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, Arc<RegexSet>>>> = OnceLock::new();
     let key: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(set) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(set);
     }
-    let set = RegexSetBuilder::new(patterns)
-        .size_limit(REGEX_SIZE_LIMIT * 1024)
-        .dfa_size_limit(8 << 20)
-        .build()?;
+    let set = Arc::new(
+        RegexSetBuilder::new(patterns)
+            .size_limit(REGEX_SIZE_LIMIT * 1024)
+            .dfa_size_limit(8 << 20)
+            .build()?,
+    );
     if let Ok(mut c) = cache.lock() {
         if c.len() >= SET_CACHE_MAX {
             c.clear();
