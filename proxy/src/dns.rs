@@ -398,7 +398,7 @@ async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
             let reply = ctx.finish(&e.query, &e.q, answer.to_vec(), Transport::Udp);
             ctx.udp_done_later(e, reply, &mut replies);
         }
-        ctx.flush_replies(&mut replies);
+        ctx.flush_replies(&mut replies).await;
     }
 }
 
@@ -943,14 +943,16 @@ async fn serve_udp(ctx: Arc<Ctx>) -> Result<()> {
                 continue;
             }
             let mut failed = Vec::new();
-            batch.flush(&ctx.udp_up[slot].sock, |out| failed.push(out.to_vec()));
+            batch
+                .flush(&ctx.udp_up[slot].sock, |out| failed.push(out.to_vec()))
+                .await;
             for out in failed {
                 if let Some((reply, client)) = ctx.upstream_send_failed(slot, &out) {
                     replies.push(reply, Some(client));
                 }
             }
         }
-        ctx.flush_replies(&mut replies);
+        ctx.flush_replies(&mut replies).await;
     }
 }
 
@@ -1204,12 +1206,12 @@ impl Ctx {
 
     /// Sends the queued replies from the listener's socket; each one the kernel refuses is
     /// counted.
-    fn flush_replies(&self, replies: &mut SendBatch) {
+    async fn flush_replies(&self, replies: &mut SendBatch) {
         if replies.is_empty() {
             return;
         }
         let mut failed = 0;
-        replies.flush(&*self.udp, |_| failed += 1);
+        replies.flush(&self.udp, |_| failed += 1).await;
         if failed > 0 {
             self.metrics.events_n(PROTOCOL, "udp_send_error", failed);
         }

@@ -115,73 +115,82 @@ impl SendBatch {
         self.msgs.is_empty()
     }
 
-    /// Sends every datagram with as few `sendmmsg` calls as the kernel allows; how many went
-    /// out. A datagram the kernel refuses (a send buffer that stays full, an unreachable
-    /// destination) is handed to `failed` and dropped.
-    pub fn flush(&mut self, fd: &impl AsRawFd, mut failed: impl FnMut(&[u8])) -> usize {
+    /// Sends every datagram with as few `sendmmsg` calls as the kernel allows, waiting for
+    /// room when the send buffer is full (as a plain `send_to().await` would); how many went
+    /// out. A datagram the kernel refuses (an unreachable destination, a bad address) is
+    /// handed to `failed` and dropped.
+    pub async fn flush(
+        &mut self,
+        sock: &tokio::net::UdpSocket,
+        mut failed: impl FnMut(&[u8]),
+    ) -> usize {
         let mut sent = 0;
         let mut start = 0;
-        let mut retries = 0;
         while start < self.msgs.len() {
             let end = (start + BATCH).min(self.msgs.len());
             let chunk = &mut self.msgs[start..end];
-            let mut iovs: Vec<libc::iovec> = chunk
-                .iter_mut()
-                .map(|(m, _)| libc::iovec {
-                    iov_base: m.as_mut_ptr().cast(),
-                    iov_len: m.len(),
-                })
-                .collect();
-            // SAFETY: all-zero is a valid mmsghdr.
-            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
-            for (i, h) in hdrs.iter_mut().enumerate() {
-                if let Some(a) = &chunk[i].1 {
-                    h.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
-                    h.msg_hdr.msg_namelen = a.len();
+            let r = sock
+                .async_io(tokio::io::Interest::WRITABLE, || send_chunk(sock, chunk))
+                .await;
+            match r {
+                Ok(n) if n > 0 => {
+                    sent += n;
+                    start += n;
                 }
-                h.msg_hdr.msg_iov = &raw mut iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The first datagram of the chunk cannot go: drop it and go on with the rest.
+                _ => {
+                    failed(&self.msgs[start].0);
+                    start += 1;
+                }
             }
-            // SAFETY: every header points at live buffers and addresses of the stated sizes.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    hdrs.len() as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                sent += n as usize;
-                start += n as usize;
-                retries = 0;
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted
-                || (e.kind() == io::ErrorKind::WouldBlock && retries < 64)
-            {
-                retries += 1;
-                std::thread::yield_now();
-                continue;
-            }
-            // The first datagram of the chunk cannot go: drop it and go on with the rest.
-            failed(&self.msgs[start].0);
-            start += 1;
-            retries = 0;
         }
         self.msgs.clear();
         sent
     }
 }
 
+/// One non-blocking `sendmmsg` of `chunk`: how many datagrams the kernel took.
+fn send_chunk(fd: &impl AsRawFd, chunk: &mut [(Vec<u8>, Option<SockAddr>)]) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = chunk
+        .iter_mut()
+        .map(|(m, _)| libc::iovec {
+            iov_base: m.as_mut_ptr().cast(),
+            iov_len: m.len(),
+        })
+        .collect();
+    // SAFETY: all-zero is a valid mmsghdr.
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
+    for (i, h) in hdrs.iter_mut().enumerate() {
+        if let Some(a) = &chunk[i].1 {
+            h.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = a.len();
+        }
+        h.msg_hdr.msg_iov = &raw mut iovs[i];
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: every header points at live buffers and addresses of the stated sizes.
+    let n = unsafe {
+        libc::sendmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn batches_go_out_and_come_in_whole_with_their_sources() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    #[tokio::test]
+    async fn batches_go_out_and_come_in_whole_with_their_sources() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut out = SendBatch::default();
@@ -191,7 +200,7 @@ mod tests {
                 Some(b.local_addr().unwrap()),
             );
         }
-        assert_eq!(out.flush(&a, |_| panic!("refused")), 40);
+        assert_eq!(out.flush(&a, |_| panic!("refused")).await, 40);
         assert!(out.is_empty());
         c.send_to(&[7u8; 60_000], b.local_addr().unwrap()).unwrap();
         let mut got = Vec::new();
@@ -223,15 +232,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn connected_sockets_send_without_addresses() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    #[tokio::test]
+    async fn connected_sockets_send_without_addresses() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        a.connect(b.local_addr().unwrap()).unwrap();
+        a.connect(b.local_addr().unwrap()).await.unwrap();
         let mut out = SendBatch::default();
         out.push(b"one".to_vec(), None);
         out.push(b"two".to_vec(), None);
-        assert_eq!(out.flush(&a, |_| panic!("refused")), 2);
+        assert_eq!(out.flush(&a, |_| panic!("refused")).await, 2);
         let mut buf = [0u8; 16];
         let (n, from) = b.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"one"[..], a.local_addr().unwrap()));
