@@ -19,8 +19,13 @@ PEERS="$ROOT/../shared/peers"
 bash "$PEERS/gen-configs.sh" >/dev/null
 command -v dnsperf >/dev/null || { echo "dnsperf missing: run scripts/setup-proxy.sh" >&2; exit 1; }
 
-cargo build -q --release --bin tollgate
-BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
+# TOLLGATE_BENCH_BIN=path: bench a saved build (A/B runs) instead of building this tree.
+if [ -n "${TOLLGATE_BENCH_BIN:-}" ]; then
+  BIN=$TOLLGATE_BENCH_BIN
+else
+  cargo build -q --release --bin tollgate
+  BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
+fi
 WORK=$(mktemp -d)
 PROXY_PORT=15300
 METRICS_PORT=15309

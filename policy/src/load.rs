@@ -6,10 +6,12 @@
 //! [`crate::model`] for what happens to the broken ones), and [`PolicySet::rejected`] says which
 //! were rejected.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api;
@@ -156,7 +158,7 @@ impl PolicySet {
         }
         let meta: api::Metadata = match obj.get("metadata") {
             None => api::Metadata::default(),
-            Some(m) => match serde_json::from_value(m.clone()) {
+            Some(m) => match api::Metadata::deserialize(m) {
                 Ok(m) => m,
                 Err(e) => {
                     errs.push(("metadata".to_string(), e.to_string()));
@@ -235,7 +237,9 @@ impl PolicySet {
             policy: policy.clone(),
         };
 
-        let rule_values: Vec<(String, Value)> = if kind == PolicyKind::NetworkPolicy {
+        // Rules are compiled from the parsed document where it is (a copy of a spec with
+        // thousands of DNS names would cost more than compiling it).
+        let rule_values: Vec<(String, Cow<'_, Value>)> = if kind == PolicyKind::NetworkPolicy {
             match obj.get("spec") {
                 None => {
                     errs.push((
@@ -248,7 +252,7 @@ impl PolicySet {
                     spec,
                     ctx.namespace.as_deref().unwrap_or("default"),
                 ) {
-                    Ok(rule) => vec![("spec".to_string(), rule)],
+                    Ok(rule) => vec![("spec".to_string(), Cow::Owned(rule))],
                     Err(e) => {
                         errs.push(e);
                         vec![]
@@ -263,14 +267,14 @@ impl PolicySet {
                 errs.push((String::new(), "spec or specs must be provided".to_string()));
             }
             if let Some(s) = spec {
-                out.push(("spec".to_string(), s.clone()));
+                out.push(("spec".to_string(), Cow::Borrowed(s)));
             }
             match specs.map(|s| s.as_array()) {
                 None => {}
                 Some(None) => errs.push(("specs".to_string(), "specs must be a list".to_string())),
                 Some(Some(list)) => {
                     for (i, s) in list.iter().enumerate() {
-                        out.push((format!("specs[{i}]"), s.clone()));
+                        out.push((format!("specs[{i}]"), Cow::Borrowed(s)));
                     }
                 }
             }

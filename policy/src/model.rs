@@ -212,8 +212,9 @@ impl PortRule {
 #[derive(Debug, Clone)]
 pub struct L7List<S> {
     pub set: Arc<S>,
-    /// Per rule: path (`…rules.http[2]`) and action.
-    pub rules: Vec<(String, RuleAction)>,
+    /// Per rule: path (`…rules.http[2]`) and action. Shared: every port policy that takes
+    /// the rule list holds it without copying thousands of paths.
+    pub rules: Arc<[(String, RuleAction)]>,
 }
 
 impl<S> L7List<S> {
@@ -257,7 +258,7 @@ pub struct RuleContext {
 }
 
 fn de<T: DeserializeOwned>(v: &Value, path: &str) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let inner = e.inner().to_string();
         let sub = e.path().to_string();
         let mut full = if sub == "." || sub.is_empty() {
@@ -579,7 +580,7 @@ fn compile_item(ctx: &ItemContext<'_>, v: &Value) -> Result<Entry, Vec<FieldErro
         )
     };
     let peers = peer_fields(obj, peer_names);
-    let to_ports = obj.get("toPorts").cloned();
+    let to_ports = obj.get("toPorts");
     let unsupported = unsupported_names
         .iter()
         .copied()
@@ -617,7 +618,7 @@ fn compile_item(ctx: &ItemContext<'_>, v: &Value) -> Result<Entry, Vec<FieldErro
     };
     let ports = match to_ports.filter(|v| !v.is_null()) {
         None => None,
-        Some(v) => match compile_to_ports(ctx, &v, &format!("{path}.toPorts"), &peer) {
+        Some(v) => match compile_to_ports(ctx, v, &format!("{path}.toPorts"), &peer) {
             Ok(p) => Some(p),
             Err(mut e) => {
                 errs.append(&mut e);
@@ -788,7 +789,15 @@ fn compile_to_ports(
     path: &str,
     _peer: &PeerMatch,
 ) -> Result<Vec<PortRule>, Vec<FieldError>> {
-    let list: Vec<Value> = de(v, path).map_err(|e| vec![e])?;
+    // A list is walked where it is; anything else fails as a typed list would.
+    let owned: Vec<Value>;
+    let list: &[Value] = match v.as_array() {
+        Some(l) => l,
+        None => {
+            owned = de(v, path).map_err(|e| vec![e])?;
+            &owned
+        }
+    };
     let mut errs = Vec::new();
     let mut out = Vec::new();
     for (i, pv) in list.iter().enumerate() {
@@ -1076,7 +1085,7 @@ fn compile_l7(
             match l7::HttpRuleSet::new(compiled) {
                 Ok(set) => L7::Http(L7List {
                     set: Arc::new(set),
-                    rules,
+                    rules: rules.into(),
                 }),
                 Err(e) => {
                     errs.push((join(&format!("{path}.http"), &e.path), e.message));
@@ -1094,7 +1103,7 @@ fn compile_l7(
             );
             L7::Grpc(L7List {
                 set: Arc::new(l7::GrpcRuleSet::new(compiled)),
-                rules,
+                rules: rules.into(),
             })
         }
         Some("kafka") => {
@@ -1107,7 +1116,7 @@ fn compile_l7(
             );
             L7::Kafka(L7List {
                 set: Arc::new(l7::KafkaRuleSet::new(compiled)),
-                rules,
+                rules: rules.into(),
             })
         }
         Some(_) => {
@@ -1120,7 +1129,7 @@ fn compile_l7(
             );
             L7::Dns(L7List {
                 set: Arc::new(l7::DnsRuleSet::new(compiled)),
-                rules,
+                rules: rules.into(),
             })
         }
     };

@@ -7,6 +7,7 @@
 //! 1.2 core schema (null, booleans, integers, floats); quoted scalars are always strings.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use serde_json::{Map, Number, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -16,8 +17,13 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 #[derive(Debug, Clone)]
 pub struct Document {
     pub value: Value,
-    /// Field path (`spec.ingress[1].toPorts`) → 1-based line.
-    lines: HashMap<String, usize>,
+    /// Every node's line, as recorded while parsing.
+    log: LineLog,
+    /// Field path (`spec.ingress[1].toPorts`) → 1-based line, made from `log` when a line is
+    /// first asked for: only documents with problems need it, and formatting and hashing the
+    /// path of every node of a file with ten thousand rules costs more than the rest of the
+    /// parse.
+    lines: OnceLock<HashMap<String, usize>>,
     /// Line of the document's first node.
     pub line: usize,
 }
@@ -25,9 +31,10 @@ pub struct Document {
 impl Document {
     /// The line of `path`, or of its closest ancestor that has one.
     pub fn line_of(&self, path: &str) -> usize {
+        let lines = self.lines.get_or_init(|| self.log.index());
         let mut p = path;
         loop {
-            if let Some(l) = self.lines.get(p) {
+            if let Some(l) = lines.get(p) {
                 return *l;
             }
             match p.rfind(['.', '[']) {
@@ -60,17 +67,85 @@ pub fn parse_documents(src: &str) -> Result<Vec<Document>, YamlError> {
     Ok(builder.docs)
 }
 
+/// One step of a field path.
+#[derive(Debug, Clone, Copy)]
+enum Seg {
+    /// The document itself (path ``).
+    Root,
+    /// `.key` (just `key` under the root): a range of [`LineLog::keys`].
+    Key(u32, u32),
+    /// `[i]`.
+    Index(usize),
+}
+
+/// The lines of a document's nodes in the order the parser saw them, with their paths as
+/// (parent, step) pairs: cheap to record, turned into `path → line` by [`LineLog::index`].
+#[derive(Debug, Clone, Default)]
+struct LineLog {
+    /// Path ids: (parent id, step); a parent always has a smaller id.
+    paths: Vec<(usize, Seg)>,
+    /// Every key's text, back to back.
+    keys: String,
+    /// (path id, line, whether it replaces a line recorded earlier for the path).
+    entries: Vec<(usize, usize, bool)>,
+}
+
+impl LineLog {
+    fn path(&mut self, parent: usize, seg: Seg) -> usize {
+        self.paths.push((parent, seg));
+        self.paths.len() - 1
+    }
+
+    fn key(&mut self, parent: usize, key: &str) -> usize {
+        let start = self.keys.len() as u32;
+        self.keys.push_str(key);
+        self.path(parent, Seg::Key(start, self.keys.len() as u32))
+    }
+
+    /// `path → line`: a node's first recorded line, or its key's line (as if every node had
+    /// been entered into the map when it was seen).
+    fn index(&self) -> HashMap<String, usize> {
+        let mut text: Vec<String> = Vec::with_capacity(self.paths.len());
+        for &(parent, seg) in &self.paths {
+            let s = match seg {
+                Seg::Root => String::new(),
+                Seg::Key(a, b) => {
+                    let key = &self.keys[a as usize..b as usize];
+                    match text.get(parent).map(String::as_str) {
+                        None | Some("") => key.to_string(),
+                        Some(p) => format!("{p}.{key}"),
+                    }
+                }
+                Seg::Index(i) => format!("{}[{i}]", text.get(parent).map_or("", String::as_str)),
+            };
+            text.push(s);
+        }
+        let mut out = HashMap::with_capacity(self.entries.len());
+        for &(id, line, replaces) in &self.entries {
+            let p = text[id].clone();
+            if replaces {
+                out.insert(p, line);
+            } else {
+                out.entry(p).or_insert(line);
+            }
+        }
+        out
+    }
+}
+
 enum Frame {
     Seq {
         items: Vec<Value>,
         anchor: usize,
-        path: String,
+        path: usize,
     },
     Map {
         map: Map<String, Value>,
         pending_key: Option<String>,
+        /// Path id of the pending key's value.
+        pending_path: usize,
         anchor: usize,
-        path: String,
+        path: usize,
         line: usize,
     },
 }
@@ -80,7 +155,7 @@ struct Builder {
     docs: Vec<Document>,
     stack: Vec<Frame>,
     anchors: HashMap<usize, Value>,
-    lines: HashMap<String, usize>,
+    log: LineLog,
     doc_line: usize,
     error: Option<YamlError>,
 }
@@ -88,22 +163,27 @@ struct Builder {
 const MAX_DEPTH: usize = 128;
 
 impl Builder {
-    /// The path the next value will have.
-    fn next_path(&self) -> String {
-        match self.stack.last() {
-            None => String::new(),
-            Some(Frame::Seq { items, path, .. }) => format!("{path}[{}]", items.len()),
+    /// The path id the next value will have.
+    fn next_path(&mut self) -> usize {
+        let (parent, seg) = match self.stack.last() {
+            None => (0, Seg::Root),
+            Some(Frame::Seq { items, path, .. }) => (*path, Seg::Index(items.len())),
             Some(Frame::Map {
-                pending_key, path, ..
-            }) => {
-                let key = pending_key.as_deref().unwrap_or("");
-                if path.is_empty() {
-                    key.to_string()
-                } else {
-                    format!("{path}.{key}")
-                }
+                pending_key: Some(_),
+                pending_path,
+                ..
+            }) => return *pending_path,
+            Some(Frame::Map { path, .. }) => {
+                let path = *path;
+                return self.log.key(path, "");
             }
-        }
+        };
+        self.log.path(parent, seg)
+    }
+
+    /// Record `line` for path id `path` unless the path has one.
+    fn note(&mut self, path: usize, line: usize) {
+        self.log.entries.push((path, line, false));
     }
 
     fn fail(&mut self, line: usize, message: impl Into<String>) {
@@ -122,10 +202,11 @@ impl Builder {
         }
         match self.stack.last_mut() {
             None => {
-                let lines = std::mem::take(&mut self.lines);
+                let log = std::mem::take(&mut self.log);
                 self.docs.push(Document {
                     value: v,
-                    lines,
+                    log,
+                    lines: OnceLock::new(),
                     line: self.doc_line,
                 });
             }
@@ -152,15 +233,20 @@ impl Builder {
                             String::new()
                         }
                     };
-                    let path = match self.stack.last() {
-                        Some(Frame::Map { path, .. }) if !path.is_empty() => {
-                            format!("{path}.{key}")
-                        }
-                        _ => key.clone(),
+                    let parent = match self.stack.last() {
+                        Some(Frame::Map { path, .. }) => *path,
+                        _ => 0,
                     };
-                    self.lines.insert(path, line);
-                    if let Some(Frame::Map { pending_key, .. }) = self.stack.last_mut() {
+                    let id = self.log.key(parent, &key);
+                    self.log.entries.push((id, line, true));
+                    if let Some(Frame::Map {
+                        pending_key,
+                        pending_path,
+                        ..
+                    }) = self.stack.last_mut()
+                    {
                         *pending_key = Some(key);
+                        *pending_path = id;
                     }
                 }
             },
@@ -188,13 +274,13 @@ impl MarkedEventReceiver for Builder {
             Event::DocumentStart => {
                 self.doc_line = line;
                 self.anchors.clear();
-                self.lines.clear();
+                self.log = LineLog::default();
             }
             Event::Scalar(s, style, anchor, _tag) => {
                 let key_pos = self.in_key_position();
                 if !key_pos {
                     let p = self.next_path();
-                    self.lines.entry(p).or_insert(line);
+                    self.note(p, line);
                 }
                 let v = if style == TScalarStyle::Plain {
                     resolve_plain(&s)
@@ -213,7 +299,7 @@ impl MarkedEventReceiver for Builder {
                     return;
                 }
                 let path = self.next_path();
-                self.lines.entry(path.clone()).or_insert(line);
+                self.note(path, line);
                 if matches!(ev, Event::SequenceStart(..)) {
                     self.stack.push(Frame::Seq {
                         items: Vec::new(),
@@ -224,6 +310,7 @@ impl MarkedEventReceiver for Builder {
                     self.stack.push(Frame::Map {
                         map: Map::new(),
                         pending_key: None,
+                        pending_path: 0,
                         anchor,
                         path,
                         line,
@@ -250,7 +337,7 @@ impl MarkedEventReceiver for Builder {
                 Some(v) => {
                     if !self.in_key_position() {
                         let p = self.next_path();
-                        self.lines.entry(p).or_insert(line);
+                        self.note(p, line);
                     }
                     self.push_value(v, 0, line);
                 }
@@ -316,6 +403,23 @@ mod tests {
         assert_eq!(
             d.value["spec"]["ingress"][1]["toPorts"][0]["ports"][0]["port"],
             "80"
+        );
+    }
+
+    #[test]
+    fn lines_of_keys_values_and_lists() {
+        let docs = parse_documents("- a:\n    b: 1\n  c:\n  - x\n  - y: 2\n").unwrap();
+        let d = &docs[0];
+        assert_eq!(d.line_of("[0]"), 1);
+        assert_eq!(d.line_of("[0].a"), 1, "a key's line, not its value's");
+        assert_eq!(d.line_of("[0].a.b"), 2);
+        assert_eq!(d.line_of("[0].c"), 3);
+        assert_eq!(d.line_of("[0].c[0]"), 4);
+        assert_eq!(d.line_of("[0].c[1].y"), 5);
+        assert_eq!(
+            d.line_of("[0].c[7].z"),
+            3,
+            "the closest ancestor that exists"
         );
     }
 

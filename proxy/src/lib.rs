@@ -30,6 +30,7 @@ pub mod observe;
 pub mod rulesets;
 mod sockets;
 pub mod state;
+mod udp_batch;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -342,8 +343,19 @@ async fn watch(
     metrics: Arc<metrics::Metrics>,
 ) {
     let mut seen = state::fingerprint(&policies, &endpoints);
+    // Replaced policies, freed here once nothing else holds them: freeing thousands of rules
+    // is work the threads answering queries should not do.
+    let mut retired: Vec<Arc<PolicyState>> = Vec::new();
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(watch_ms)).await;
+        if retired.iter().any(|s| Arc::strong_count(s) == 1) {
+            let (free, keep) = std::mem::take(&mut retired)
+                .into_iter()
+                .partition(|s| Arc::strong_count(s) == 1);
+            retired = keep;
+            let free: Vec<Arc<PolicyState>> = free;
+            tokio::task::spawn_blocking(move || drop(free));
+        }
         let now = state::fingerprint(&policies, &endpoints);
         if now == seen {
             continue;
@@ -352,15 +364,21 @@ async fn watch(
         let current = handle.load();
         let started = std::time::Instant::now();
         let (policies, endpoints) = (policies.clone(), endpoints.clone());
-        // Loading is CPU work: keep it off the threads that answer requests.
-        let loaded =
-            tokio::task::spawn_blocking(move || PolicyState::load_strict(&policies, &endpoints))
-                .await;
+        // Loading is CPU work: keep it off the threads that answer requests. So is building
+        // the port policies the current revision has in use (warm_like).
+        let previous = current.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let next = PolicyState::load_strict(&policies, &endpoints)?;
+            next.warm_like(&previous);
+            Ok::<_, anyhow::Error>(next)
+        })
+        .await;
         match loaded {
             Ok(Ok(mut next)) => {
                 next.revision = current.revision + 1;
                 let revision = next.revision;
                 handle.store(Arc::new(next.with_fqdn(current.fqdn.clone())));
+                retired.push(current);
                 metrics.set_revision(revision);
                 eprintln!(
                     "tollgate proxy: revision {revision} in force, loaded in {:.1} ms",

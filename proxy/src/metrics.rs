@@ -12,9 +12,9 @@
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
 //!   record is never silent).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,10 +23,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tollgate_policy::eval::{Decision, Verdict};
+use tollgate_policy::model::PolicyId;
 
 use crate::audit::AuditSink;
 
 pub const MAX_RULE_SERIES: usize = 1024;
+/// (policy, rule) pairs whose counter [`Metrics::observe`] remembers.
+const MAX_CACHED_RULE_COUNTERS: usize = 4 * MAX_RULE_SERIES;
+
+#[derive(Debug, Default)]
+struct RuleCounters {
+    map: HashMap<PolicyId, HashMap<String, Counter>>,
+    len: usize,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -67,6 +76,13 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     rule_hits: Family<RuleLabels, Counter>,
     rules_seen: Mutex<HashSet<(String, String)>>,
+    /// The counter each (policy, rule) of a decision resolved to, so a decision costs a lookup
+    /// by reference — no label strings built, no family lock. Bounded: cleared past
+    /// [`MAX_CACHED_RULE_COUNTERS`] entries.
+    rule_counters: Mutex<RuleCounters>,
+    /// `tollgate_requests_total{protocol="dns"}` by verdict, resolved on first use (a family
+    /// lookup per query takes a lock and hashes the labels).
+    dns_requests: [OnceLock<Counter>; 3],
     events: Family<EventLabels, Counter>,
     durations: Family<ProtocolLabels, Histogram, fn() -> Histogram>,
     /// The two series observed on every request, looked up once (a family lookup takes a
@@ -173,6 +189,8 @@ impl Metrics {
             requests,
             rule_hits,
             rules_seen: Mutex::new(HashSet::new()),
+            rule_counters: Mutex::new(RuleCounters::default()),
+            dns_requests: Default::default(),
             events,
             http_duration,
             dns_duration,
@@ -194,10 +212,27 @@ impl Metrics {
             Decision::Deny => "deny",
             Decision::AuditDeny => "audit-deny",
         };
-        self.requests
-            .get_or_create(&RequestLabels { verdict, protocol })
+        if protocol == "dns" {
+            let slot = &self.dns_requests[v.decision as usize];
+            slot.get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels { verdict, protocol })
+                    .clone()
+            })
             .inc();
+        } else {
+            self.requests
+                .get_or_create(&RequestLabels { verdict, protocol })
+                .inc();
+        }
         let Some(policy) = &v.policy else { return };
+        let rule = v.rule.as_deref().unwrap_or_default();
+        if let Ok(c) = self.rule_counters.lock()
+            && let Some(counter) = c.map.get(policy).and_then(|r| r.get(rule))
+        {
+            counter.inc();
+            return;
+        }
         let mut key = (policy.to_string(), v.rule.clone().unwrap_or_default());
         if let Ok(mut seen) = self.rules_seen.lock()
             && !seen.contains(&key)
@@ -208,12 +243,24 @@ impl Metrics {
                 seen.insert(key.clone());
             }
         }
-        self.rule_hits
+        let counter = self
+            .rule_hits
             .get_or_create(&RuleLabels {
                 policy: key.0,
                 rule: key.1,
             })
-            .inc();
+            .clone();
+        counter.inc();
+        if let Ok(mut c) = self.rule_counters.lock() {
+            if c.len >= MAX_CACHED_RULE_COUNTERS {
+                *c = RuleCounters::default();
+            }
+            c.len += 1;
+            c.map
+                .entry(policy.clone())
+                .or_default()
+                .insert(rule.to_string(), counter);
+        }
     }
 
     /// One request's time from arrival to answer.

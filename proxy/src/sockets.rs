@@ -166,3 +166,12 @@ pub fn kernel_drops(fd: &impl AsRawFd) -> Option<u64> {
     };
     (rc == 0 && len as usize > SK_MEMINFO_DROPS * 4).then(|| u64::from(info[SK_MEMINFO_DROPS]))
 }
+
+/// The socket address in `s`, `None` for one that is not IPv4/IPv6 (or unset).
+///
+/// # Safety
+/// `s` must be zeroed or filled by the kernel.
+pub(crate) unsafe fn sockaddr_of(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    // SAFETY: a sockaddr_storage is large enough for every family.
+    unsafe { sockaddr((s as *const libc::sockaddr_storage).cast()) }
+}

@@ -261,6 +261,27 @@ impl PolicyState {
         }
     }
 
+    /// Build, ahead of use, the port policies `previous` had built (same endpoint by name,
+    /// direction, port, protocol), so the first queries after a swap find them cached instead
+    /// of gathering rules on the request path. How many were built.
+    pub fn warm_like(&self, previous: &PolicyState) -> usize {
+        let keys: Vec<CacheKey> = match previous.cache.lock() {
+            Ok(c) => c.keys().copied().collect(),
+            Err(_) => return 0,
+        };
+        let mut n = 0;
+        for (idx, direction, port, protocol) in keys {
+            let Some(name) = previous.inventory.endpoints.get(idx).map(|e| &e.spec.name) else {
+                continue;
+            };
+            if let Some(i) = self.endpoint_index(name) {
+                self.port_policy_for(i, direction, port, protocol);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The (cached) TCP port policy of endpoint `idx`.
     pub fn port_policy(&self, idx: usize, direction: Direction, port: u16) -> Arc<PortPolicy> {
         self.port_policy_for(idx, direction, port, Protocol::Tcp)

@@ -156,20 +156,22 @@ pub struct DnsRuleSet {
 
 impl DnsRuleSet {
     pub fn new(rules: Vec<DnsPattern>) -> DnsRuleSet {
+        let len = rules.len();
         let mut exact = HashMap::new();
         let mut all = None;
         let mut sources = Vec::new();
         let mut pattern_rule = Vec::new();
-        for (i, r) in rules.iter().enumerate() {
-            match &r.kind {
+        // The names move into the map: no copy of thousands of strings.
+        for (i, r) in rules.into_iter().enumerate() {
+            match r.kind {
                 Kind::Exact(n) => {
-                    exact.entry(n.clone()).or_insert(i);
+                    exact.entry(n).or_insert(i);
                 }
                 Kind::All => {
                     all.get_or_insert(i);
                 }
                 Kind::Pattern(p) => {
-                    sources.push(p.clone());
+                    sources.push(p);
                     pattern_rule.push(i);
                 }
             }
@@ -181,7 +183,7 @@ impl DnsRuleSet {
             cached_automaton(&sources)
         };
         DnsRuleSet {
-            len: rules.len(),
+            len,
             exact,
             all,
             patterns,

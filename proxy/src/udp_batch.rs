@@ -1,0 +1,250 @@
+//! Batched UDP I/O (`recvmmsg` / `sendmmsg`): the DNS listener moves many datagrams per
+//! system call when it is busy, and exactly one when it is not (a receive returns what is
+//! queued, never waits for a batch to fill).
+
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use socket2::SockAddr;
+
+/// Datagrams one call moves at most.
+pub const BATCH: usize = 32;
+/// A receive buffer: a whole UDP payload always fits, so nothing is cut short.
+const DATAGRAM: usize = 65_535;
+
+/// Receive buffers and the source of each datagram of the last [`RecvBatch::recv`].
+pub struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    lens: Vec<usize>,
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch::new()
+    }
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch").field("n", &self.n).finish()
+    }
+}
+
+impl RecvBatch {
+    pub fn new() -> RecvBatch {
+        RecvBatch {
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; DATAGRAM].into_boxed_slice())
+                .collect(),
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            addrs: vec![unsafe { mem::zeroed() }; BATCH],
+            lens: vec![0; BATCH],
+            n: 0,
+        }
+    }
+
+    /// One non-blocking `recvmmsg`: how many datagrams arrived (`WouldBlock` when none).
+    pub fn recv(&mut self, fd: &impl AsRawFd) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: all-zero is a valid mmsghdr.
+        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; BATCH];
+        for (i, h) in hdrs.iter_mut().enumerate() {
+            h.msg_hdr.msg_name = (&raw mut self.addrs[i]).cast();
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &raw mut iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at live buffers and addresses of the stated sizes.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            self.n = 0;
+            return Err(io::Error::last_os_error());
+        }
+        self.n = n as usize;
+        for (i, h) in hdrs.iter().take(self.n).enumerate() {
+            self.lens[i] = h.msg_len as usize;
+            // Keep the length the kernel wrote for the address.
+            if h.msg_hdr.msg_namelen == 0 {
+                self.addrs[i].ss_family = libc::AF_UNSPEC as libc::sa_family_t;
+            }
+        }
+        Ok(self.n)
+    }
+
+    /// Datagram `i` of the last receive and its source (`None` for a source that is not IP,
+    /// as on a connected socket that reports none).
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        // SAFETY: the kernel filled the address (or it is AF_UNSPEC / zeroed).
+        let addr = unsafe { crate::sockets::sockaddr_of(&self.addrs[i]) };
+        (&self.bufs[i][..self.lens[i]], addr)
+    }
+}
+
+/// Datagrams waiting to go out in one `sendmmsg`: each with its destination, or none on a
+/// connected socket.
+#[derive(Debug, Default)]
+pub struct SendBatch {
+    msgs: Vec<(Vec<u8>, Option<SockAddr>)>,
+}
+
+impl SendBatch {
+    pub fn push(&mut self, msg: Vec<u8>, to: Option<SocketAddr>) {
+        self.msgs.push((msg, to.map(SockAddr::from)));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Sends every datagram with as few `sendmmsg` calls as the kernel allows, waiting for
+    /// room when the send buffer is full (as a plain `send_to().await` would); how many went
+    /// out. A datagram the kernel refuses (an unreachable destination, a bad address) is
+    /// handed to `failed` and dropped.
+    pub async fn flush(
+        &mut self,
+        sock: &tokio::net::UdpSocket,
+        mut failed: impl FnMut(&[u8]),
+    ) -> usize {
+        let mut sent = 0;
+        let mut start = 0;
+        while start < self.msgs.len() {
+            let end = (start + BATCH).min(self.msgs.len());
+            let chunk = &mut self.msgs[start..end];
+            let r = sock
+                .async_io(tokio::io::Interest::WRITABLE, || send_chunk(sock, chunk))
+                .await;
+            match r {
+                Ok(n) if n > 0 => {
+                    sent += n;
+                    start += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The first datagram of the chunk cannot go: drop it and go on with the rest.
+                _ => {
+                    failed(&self.msgs[start].0);
+                    start += 1;
+                }
+            }
+        }
+        self.msgs.clear();
+        sent
+    }
+}
+
+/// One non-blocking `sendmmsg` of `chunk`: how many datagrams the kernel took.
+fn send_chunk(fd: &impl AsRawFd, chunk: &mut [(Vec<u8>, Option<SockAddr>)]) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = chunk
+        .iter_mut()
+        .map(|(m, _)| libc::iovec {
+            iov_base: m.as_mut_ptr().cast(),
+            iov_len: m.len(),
+        })
+        .collect();
+    // SAFETY: all-zero is a valid mmsghdr.
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
+    for (i, h) in hdrs.iter_mut().enumerate() {
+        if let Some(a) = &chunk[i].1 {
+            h.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = a.len();
+        }
+        h.msg_hdr.msg_iov = &raw mut iovs[i];
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: every header points at live buffers and addresses of the stated sizes.
+    let n = unsafe {
+        libc::sendmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_go_out_and_come_in_whole_with_their_sources() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut out = SendBatch::default();
+        for i in 0..40u8 {
+            out.push(
+                vec![i; usize::from(i) * 100 + 1],
+                Some(b.local_addr().unwrap()),
+            );
+        }
+        assert_eq!(out.flush(&a, |_| panic!("refused")).await, 40);
+        assert!(out.is_empty());
+        c.send_to(&[7u8; 60_000], b.local_addr().unwrap()).unwrap();
+        let mut got = Vec::new();
+        let mut rb = RecvBatch::new();
+        while got.len() < 41 {
+            match rb.recv(&b) {
+                Ok(n) => {
+                    assert!(n <= BATCH);
+                    for i in 0..n {
+                        let (m, from) = rb.get(i);
+                        got.push((m.to_vec(), from.unwrap()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for (i, (m, from)) in got.iter().take(40).enumerate() {
+            assert_eq!(m.len(), i * 100 + 1);
+            assert!(m.iter().all(|&x| usize::from(x) == i));
+            assert_eq!(*from, a.local_addr().unwrap());
+        }
+        assert_eq!(got[40].0.len(), 60_000, "a large datagram is not cut");
+        assert_eq!(got[40].1, c.local_addr().unwrap());
+        assert_eq!(
+            rb.recv(&b).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nothing left: no wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn connected_sockets_send_without_addresses() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).await.unwrap();
+        let mut out = SendBatch::default();
+        out.push(b"one".to_vec(), None);
+        out.push(b"two".to_vec(), None);
+        assert_eq!(out.flush(&a, |_| panic!("refused")).await, 2);
+        let mut buf = [0u8; 16];
+        let (n, from) = b.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"one"[..], a.local_addr().unwrap()));
+        let (n, _) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"two");
+    }
+}
