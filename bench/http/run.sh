@@ -6,6 +6,8 @@
 #   h2c:  h2load -c50 -m1 -DD vs direct, HAProxy, tollgate
 #   1000: tollgate with 1,000 rules (h1)
 #   mem:  tollgate RSS with 1,000 idle client connections
+#   CPU:  per row, user+system CPU of the process(es) listening on the target port (the system
+#         under test; for "nginx direct" the origin itself) per request and as % of one core
 # Usage: bench/http/run.sh [DURATION_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,18 +39,35 @@ start_tollgate() { # rules
 }
 stop_tollgate() { kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
 
+# CPU ticks (user + system, all threads) of every process listening on port $1: the system
+# under test of a row (for nginx: master and workers).
+cpu_ticks() {
+  local t=0 pid
+  for pid in $(ss -Htlnp "sport = :$1" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+    t=$(( t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0) ))
+  done
+  echo "$t"
+}
+# CPU per request and CPU use of the SUT over a row: ticks before/after, requests/s, seconds.
+cpu_cols() { # ticks_before ticks_after rps
+  python3 -c "import os,sys; b,a,r,d=map(float,sys.argv[1:]); hz=os.sysconf('SC_CLK_TCK'); cpu=(a-b)/hz; print(f'{cpu/(r*d)*1e6:.1f} | {100*cpu/d:.0f}%')" "$1" "$2" "$3" "$DUR"
+}
 h1() { # label port
-  local out; out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$2$BENCH_PATH")
-  printf '| h1 | %s | %s | %s | %s |\n' "$1" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
-    "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")"
+  local b a out rps; b=$(cpu_ticks "$2")
+  out=$(taskset -c 0 wrk -t1 -c50 -d"${DUR}s" --latency "http://127.0.0.1:$2$BENCH_PATH")
+  a=$(cpu_ticks "$2"); rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  printf '| h1 | %s | %s | %s | %s | %s |\n' "$1" "$rps" \
+    "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" "$(cpu_cols "$b" "$a" "$rps")"
 }
 h2() { # label port
-  local out; out=$(taskset -c 0 h2load -t1 -c50 -m1 -D"$DUR" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
-  printf '| h2c | %s | %s | %s | - |\n' "$1" "$(awk '/^finished in/ {print $4}' <<<"$out")" \
-    "$(awk '/^time for request:/ {print $6}' <<<"$out")"
+  local b a out rps; b=$(cpu_ticks "$2")
+  out=$(taskset -c 0 h2load -t1 -c50 -m1 -D"$DUR" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
+  a=$(cpu_ticks "$2"); rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+  printf '| h2c | %s | %s | %s | - | %s |\n' "$1" "$rps" \
+    "$(awk '/^time for request:/ {print $6}' <<<"$out")" "$(cpu_cols "$b" "$a" "$rps")"
 }
 
-printf '| proto | target | req/s | p50 (h2c: mean) | p99 |\n|---|---|---|---|---|\n'
+printf '| proto | target | req/s | p50 (h2c: mean) | p99 | SUT CPU µs/req | SUT CPU |\n|---|---|---|---|---|---|---|\n'
 start_tollgate 100
 h1 "nginx direct" "$PORT_NGINX_H1"
 h1 "HAProxy, 100 ACLs" "$PORT_HAPROXY_H1"

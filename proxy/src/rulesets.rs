@@ -286,7 +286,7 @@ impl AgentLink {
     async fn session(&self, book: &mut RuleSetBook) -> Result<Option<(PolicyHandle, Session)>> {
         let mut s = self.open(0).await?;
         while let Some(update) = s.updates.message().await? {
-            let (state, ack) = apply_blocking(book, update).await?;
+            let (state, ack) = apply_blocking(book, update, None).await?;
             report(&ack, &self.metrics);
             let _ = s.acks.send(ack_message(ack)).await;
             if let Some(state) = state {
@@ -325,7 +325,7 @@ impl AgentLink {
         while let Some(update) = s.updates.message().await? {
             let started = Instant::now();
             let version = update.version;
-            let (state, ack) = apply_blocking(book, update).await?;
+            let (state, ack) = apply_blocking(book, update, Some(handle.load())).await?;
             report(&ack, &self.metrics);
             if let Some(state) = state {
                 let revision = state.revision;
@@ -356,14 +356,19 @@ fn ack_message(ack: Ack) -> ProxyMessage {
     }
 }
 
-/// Checking and compiling is CPU work: off the threads that answer requests.
+/// Checking and compiling is CPU work: off the threads that answer requests. The port
+/// policies `previous` has in use are built there too (`warm_like`).
 async fn apply_blocking(
     book: &mut RuleSetBook,
     update: Update,
+    previous: Option<Arc<PolicyState>>,
 ) -> Result<(Option<PolicyState>, Ack)> {
     let mut owned = std::mem::take(book);
     let (owned, out) = tokio::task::spawn_blocking(move || {
         let out = owned.apply(&update);
+        if let (Some(next), Some(previous)) = (&out.0, &previous) {
+            next.warm_like(previous);
+        }
         (owned, out)
     })
     .await?;
