@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tollgate_agent::kubernetes::source::{self, Identities, Options, Snapshot};
+use tollgate_agent::metrics::{AgentMetrics, Applied};
 use tollgate_agent::plan::{ProxyPorts, compile};
 use tollgate_agent::rulesets::{RuleSetServer, describe, rule_sets};
 use tollgate_proxy::state::{Sources, fingerprint};
@@ -38,6 +39,9 @@ pub struct AgentArgs {
     /// How often the files are checked for changes (milliseconds).
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
+    /// Serve the agent's Prometheus metrics on this address (`/metrics`; with `--rule-socket`).
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Kubeconfig file (default: in-cluster service account, $KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -162,6 +166,22 @@ fn serve_files(args: &AgentArgs, endpoints: &Path, socket: &Path) -> Result<bool
         let mut seen = fingerprint(&args.policies, endpoints);
         let sources = Sources::read(&args.policies, endpoints)?;
         let server = log_acks(RuleSetServer::new(rule_sets_of(&sources)), "tollgate agent");
+        let metrics = std::sync::Arc::new(AgentMetrics::new());
+        let published = |version: u64, sources: &Sources, took: Duration| {
+            metrics.applied(&Applied {
+                revision: version,
+                policies: sources.policies.len(),
+                seconds: took.as_secs_f64(),
+                ..Applied::default()
+            });
+        };
+        published(1, &sources, Duration::ZERO);
+        if let Some(addr) = args.metrics {
+            let (m, rs) = (metrics.clone(), server.clone());
+            tokio::spawn(tollgate_proxy::metrics::serve_pages(addr, move |path| {
+                (path == "/metrics").then(|| (m.render(Some(&rs)), "text/plain; version=0.0.4"))
+            }));
+        }
         eprintln!(
             "tollgate agent: version 1: {} policy file(s); rule sets on {}",
             sources.policies.len(),
@@ -177,16 +197,21 @@ fn serve_files(args: &AgentArgs, endpoints: &Path, socket: &Path) -> Result<bool
             seen = now;
             match Sources::read(&args.policies, endpoints) {
                 Ok(sources) => {
+                    let started = std::time::Instant::now();
                     let v = server.publish(rule_sets_of(&sources));
+                    published(v, &sources, started.elapsed());
                     eprintln!(
                         "tollgate agent: version {v}: {} policy file(s)",
                         sources.policies.len()
                     );
                 }
-                Err(e) => eprintln!(
-                    "tollgate agent: keeping version {}: {e:#}",
-                    server.version()
-                ),
+                Err(e) => {
+                    metrics.rejected_reload();
+                    eprintln!(
+                        "tollgate agent: keeping version {}: {e:#}",
+                        server.version()
+                    );
+                }
             }
         }
     })

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use std::sync::Mutex;
 
 use tollgate_agent::apply::{Updated, apply, update};
+use tollgate_agent::metrics::{AgentMetrics, Applied};
 use tollgate_agent::plan::{
     FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile, compile_with,
 };
@@ -163,6 +164,8 @@ async fn serve(args: UpArgs) -> Result<()> {
     tokio::spawn(fqdn.clone().run_expiry());
     let mut revision = 1;
     let mut seen = fingerprint(&args.policies, &args.endpoints);
+    let agent_metrics = Arc::new(AgentMetrics::new());
+    let first_started = Instant::now();
     let (state, sources) = load(&args, revision, &fqdn)?;
     let state = Arc::new(state);
     let rule_server = args.rule_socket.as_ref().map(|path| {
@@ -193,6 +196,14 @@ async fn serve(args: UpArgs) -> Result<()> {
         eprintln!("tollgate up: not enforced: {u}");
     }
     dp.install_redirect_routing(&RedirectRouting::default())?;
+    agent_metrics.applied(&applied_metrics(
+        &state,
+        &plan,
+        revision,
+        applied.ipcache + applied.policy + applied.endpoints,
+        0,
+        first_started.elapsed(),
+    ));
 
     let handle = PolicyHandle::new(state.clone());
     let agent = Arc::new(Mutex::new(Agent {
@@ -219,11 +230,14 @@ async fn serve(args: UpArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics.set_revision(revision);
     if let Some(addr) = args.metrics {
+        let (am, rs) = (agent_metrics.clone(), rule_server.clone());
+        let extra: tollgate_proxy::metrics::Page = Arc::new(move || am.render(rs.as_ref()));
         tokio::spawn(tollgate_proxy::metrics::serve(
             addr,
             metrics.clone(),
             sink.clone(),
             Some(fqdn.clone()),
+            Some(extra),
         ));
     }
     let l7_addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.l7_port));
@@ -255,15 +269,25 @@ async fn serve(args: UpArgs) -> Result<()> {
             Ok((x, sources)) => (Arc::new(x), sources),
             Err(e) => {
                 eprintln!("tollgate up: keeping revision {revision}: {e:#}");
+                agent_metrics.rejected_reload();
                 continue;
             }
         };
-        let u = {
+        let (u, plan_stats) = {
             let mut a = agent
                 .lock()
                 .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-            a.converge(state.clone(), &fqdn)?
+            let u = a.converge(state.clone(), &fqdn)?;
+            (
+                u,
+                applied_metrics(&state, &a.plan, revision + 1, 0, 0, started.elapsed()),
+            )
         };
+        agent_metrics.applied(&Applied {
+            written: u.policy_written + u.ipcache_written + u.endpoints_written,
+            removed: u.policy_removed + u.ipcache_removed + u.endpoints_removed,
+            ..plan_stats
+        });
         handle.store(state);
         if let Some(server) = &rule_server {
             server.publish(crate::agent_cmd::rule_sets_of(&sources));
@@ -314,4 +338,38 @@ async fn start_proxy(
     .await?;
     tokio::spawn(dns.serve());
     Ok(())
+}
+
+/// The agent metrics of revision `revision` of `state` compiled into `plan`.
+fn applied_metrics(
+    state: &PolicyState,
+    plan: &Plan,
+    revision: u64,
+    written: usize,
+    removed: usize,
+    took: Duration,
+) -> Applied {
+    Applied {
+        revision,
+        policies: state
+            .evaluator
+            .rules()
+            .iter()
+            .map(|r| &r.policy.id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        rules: state.evaluator.rules().len(),
+        endpoints: state.inventory.endpoints.len(),
+        identities: state
+            .inventory
+            .endpoints
+            .iter()
+            .map(|e| e.identity)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        diagnostics: state.diagnostics.len() + plan.warnings.len(),
+        written,
+        removed,
+        seconds: took.as_secs_f64(),
+    }
 }

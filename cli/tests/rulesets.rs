@@ -155,14 +155,20 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
         .local_addr()
         .unwrap()
         .port();
-    let scrape = || {
+    let agent_metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let scrape_port = |p: u16| {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "2"])
-            .arg(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .arg(format!("http://127.0.0.1:{p}/metrics"))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
+    let scrape = || scrape_port(metrics_port);
     let proxy_log = dir.path().join("proxy.log");
     let start_proxy = |log: &Path| {
         Reaped(
@@ -190,6 +196,7 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
                 .arg(&endpoints)
                 .arg("--rule-socket")
                 .arg(&rules)
+                .args(["--metrics", &format!("127.0.0.1:{agent_metrics_port}")])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
@@ -237,6 +244,13 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
             && m.contains("tollgate_rule_sets{outcome=\"accepted\"} 2")
             && m.contains("tollgate_agent_connected 1"),
         "{m}"
+    );
+    let am = scrape_port(agent_metrics_port);
+    assert!(
+        am.contains("tollgate_agent_proxies{outcome=\"rejecting\"} 1")
+            && am.contains("tollgate_agent_proxies{outcome=\"connected\"} 1")
+            && am.contains("tollgate_agent_revision 2"),
+        "agent metrics:\n{am}"
     );
     write_atomic(&other_file, OTHER_POLICY);
     wait_for_log(&agent_log, "3 rule set(s) accepted, 0 rejected");

@@ -560,7 +560,17 @@ fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_whil
         std::ffi::OsStr::new("--external-proxy"),
         std::ffi::OsStr::new("--rule-socket"),
         socket.as_os_str(),
+        std::ffi::OsStr::new("--metrics"),
+        std::ffi::OsStr::new("127.0.0.1:19464"),
     ];
+    let scrape = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &t.node, "curl", "-s", "--max-time", "2"])
+            .arg("http://127.0.0.1:19464/metrics")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     let log1 = dir.path().join("up1.log");
     let up = start_up_with(&t, &policies, &inventory, &log1, &audit, &up_args);
     wait_for_log(&log1, "revision 1:");
@@ -588,6 +598,15 @@ fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_whil
     );
     let change = until(200, || curl(&t.client.netns, &url("/secret.txt")));
     wait_for_log(&plog1, "agent version 2 in force");
+    let m = scrape();
+    assert!(
+        m.contains("tollgate_agent_revision 2")
+            && m.contains("tollgate_agent_proxies{outcome=\"connected\"} 1")
+            && m.contains("tollgate_agent_proxies{outcome=\"rejecting\"} 0")
+            && m.contains("tollgate_agent_loaded{kind=\"endpoints\"} 2")
+            && m.contains("tollgate_agent_apply_seconds_count 2"),
+        "agent metrics:\n{m}"
+    );
 
     // The agent restarts under live traffic: the proxy keeps judging with what it has, and
     // the kernel keeps redirecting; not one request is lost.

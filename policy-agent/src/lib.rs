@@ -9,6 +9,7 @@
 //!   events for the kinds we do not own.
 //! * [`rulesets`] serves versioned rule sets to proxies (`tollgate_api::v1::RuleSets`) and
 //!   keeps each proxy's ACK/NACK.
+//! * [`metrics`]: the agent's Prometheus metrics.
 //! * [`crd`] generates the CRDs (`TollgatePolicy` from the policy types, `TollgateIdentity`).
 //!
 //! Not yet (issue 7): enforcement from the Kubernetes source (`tollgate up` reads files).
@@ -16,5 +17,6 @@
 pub mod apply;
 pub mod crd;
 pub mod kubernetes;
+pub mod metrics;
 pub mod plan;
 pub mod rulesets;

@@ -234,6 +234,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
             metrics.clone(),
             sink.clone(),
             Some(fqdn.clone()),
+            None,
         )));
     }
     for (addr, to) in args.dns_listen.iter().zip(&args.dns_to) {

@@ -322,34 +322,60 @@ impl Metrics {
 }
 
 /// Serve `/metrics` (and `/fqdn`, the FQDN cache as JSON, when given) on `addr` until the
-/// process stops.
+/// process stops. `extra` is appended to `/metrics` (the agent's metrics in `tollgate up`).
 pub async fn serve(
     addr: SocketAddr,
     metrics: std::sync::Arc<Metrics>,
     sink: AuditSink,
     fqdn: Option<std::sync::Arc<crate::fqdn::FqdnCache>>,
+    extra: Option<Page>,
+) -> anyhow::Result<()> {
+    serve_pages(addr, move |path| match (path, &fqdn) {
+        ("/metrics", _) => {
+            let mut out = metrics.render(&sink);
+            if let Some(extra) = &extra {
+                let more = extra();
+                // One `# EOF` at the very end of an OpenMetrics exposition.
+                if let Some(head) = out.strip_suffix("# EOF\n") {
+                    out = format!("{head}{more}");
+                } else {
+                    out.push_str(&more);
+                }
+            }
+            Some((out, "text/plain; version=0.0.4"))
+        }
+        ("/fqdn", Some(c)) => Some((
+            serde_json::to_string(&c.list(std::time::Instant::now())).unwrap_or_default(),
+            "application/json",
+        )),
+        _ => None,
+    })
+    .await
+}
+
+/// A page rendered on each request.
+pub type Page = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// A minimal HTTP/1.1 server of text pages: `pages(path)` gives a page's body and content
+/// type, or `None` for 404. For metrics endpoints (the proxy's and the agent's).
+pub async fn serve_pages(
+    addr: SocketAddr,
+    pages: impl Fn(&str) -> Option<(String, &'static str)> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     use http_body_util::Full;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
+    let pages = std::sync::Arc::new(pages);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        let sink = sink.clone();
-        let fqdn = fqdn.clone();
+        let pages = pages.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (body, content_type) = match (req.uri().path(), &fqdn) {
-                    ("/metrics", _) => (metrics.render(&sink), "text/plain; version=0.0.4"),
-                    ("/fqdn", Some(c)) => (
-                        serde_json::to_string(&c.list(std::time::Instant::now()))
-                            .unwrap_or_default(),
-                        "application/json",
-                    ),
-                    _ => (String::new(), "text/plain"),
+                let (status, body, content_type) = match pages(req.uri().path()) {
+                    Some((body, ct)) => (200, body, ct),
+                    None => (404, String::new(), "text/plain"),
                 };
-                let status = if body.is_empty() { 404 } else { 200 };
                 async move {
                     let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
