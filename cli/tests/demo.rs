@@ -6,7 +6,6 @@
 //! root).
 
 #[path = "../../redirector-ebpf/loader/tests/harness/mod.rs"]
-#[allow(dead_code)]
 mod harness;
 
 use std::process::Command;
