@@ -3,8 +3,9 @@
 # first with L7 policy YAML (lint, what-if, policy test tables). Part 2 enforces the same
 # policies live: tollgate's proxy in front of a real nginx on loopback, curl as three "pods"
 # (each its own 127.0.0.x source address), then the audit records via `tollgate observe` and
-# the Prometheus counters. Part 3 (root) runs scripts/demo-live.sh: pods as network namespaces,
-# `tollgate up` with the eBPF datapath and the proxy. Everything it starts, it stops.
+# the Prometheus counters. Part 3 (root) runs scripts/demo-live.sh, i.e. `tollgate demo`: pods as
+# network namespaces, `tollgate up` with the eBPF datapath and a separate `tollgate proxy
+# --agent`. Everything it starts, it stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod crd_cmd;
 mod datapath_cmd;
+mod demo;
 mod eval_cmd;
 mod files;
 mod fqdn_cmd;
@@ -61,6 +62,10 @@ enum Command {
     /// the one of KIND (TollgatePolicy, TollgateIdentity; also CiliumNetworkPolicy and
     /// CiliumClusterwideNetworkPolicy, for clusters without Cilium, printed only when named).
     Crd { kind: Option<String> },
+    /// The live demo (root): pods as network namespaces, `tollgate up` and `tollgate proxy` on
+    /// a node namespace, allowed and denied HTTP, gRPC, DNS and Kafka requests, the audit
+    /// records; then everything is removed. Exits 1 when an outcome differs from the policy.
+    Demo(demo::DemoArgs),
     /// Run PolicyTest files (one line per case, then `N passed, M failed`).
     Test {
         #[arg(required = true)]
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             up::run(args)
         }
         Command::Observe(args) => observe::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Agent(args) => {
             init_tracing();
             agent_cmd::run(args)
