@@ -515,7 +515,7 @@ async fn metrics_count_verdicts_and_rule_hits_on_the_metrics_endpoint() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(serve_listener(l));
     let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    tokio::spawn(serve(maddr, metrics, sink, None));
+    tokio::spawn(serve(maddr, metrics, sink, None, None));
     for path in ["/public/a", "/public/b", "/admin/x"] {
         curl("127.0.0.10", &[], &format!("http://{addr}{path}")).await;
     }
