@@ -7,40 +7,12 @@
 //! stream read by `tollgate observe --server`.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Reaped(Child);
+mod common;
 
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The rcode dig saw (`NO-ANSWER` when nothing answered within 1 s).
-fn status(port: u16, name: &str) -> String {
-    let out = Command::new("dig")
-        .args(["-b", "127.0.0.10", "@127.0.0.1", "-p", &port.to_string()])
-        .args(["+tries=1", "+time=1", "+noall", "+comments", name])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("NO-ANSWER")
-        .to_string()
-}
+use common::{DNS_ENDPOINTS, DNS_POLICY, Reaped, dig_status as status, write_atomic};
 
 /// Polls until `name` gets `want` (bounded); how long that took.
 fn until(port: u16, name: &str, want: &str, log: &Path) -> Duration {
@@ -57,33 +29,8 @@ fn until(port: u16, name: &str, want: &str, log: &Path) -> Duration {
 }
 
 fn wait_for_log(log: &Path, needle: &str) -> String {
-    let t = Instant::now();
-    loop {
-        let s = std::fs::read_to_string(log).unwrap_or_default();
-        if s.contains(needle) {
-            return s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "`{needle}` not in {} after 15 s:\n{s}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_log(log, needle, Duration::from_secs(15))
 }
-
-const DNS_POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: dns, namespace: apps}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-    toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [PATTERNS]
-"#;
 
 const OTHER_POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -94,43 +41,11 @@ spec:
   - toEndpoints: [{matchLabels: {app: db}}]
 "#;
 
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
-    for tool in ["dig", "dnsmasq"] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "{tool} missing: run scripts/setup-proxy.sh"
-        );
-    }
-    let up = free_udp_port();
-    let _dnsmasq = Reaped(
-        Command::new("dnsmasq")
-            .args(["--keep-in-foreground", "-C", "/dev/null"])
-            .args([
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-            ])
-            .args(["--no-hosts", "--user=root", "--pid-file="])
-            .arg(format!("--port={up}"))
-            .args([
-                "--host-record=api.example.com,192.0.2.10",
-                "--host-record=db.example.org,192.0.2.20",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    common::need(&["dig", "dnsmasq"]);
+    let up = common::free_udp_port();
+    let _dnsmasq = common::dnsmasq(up);
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
@@ -142,24 +57,12 @@ fn the_proxy_enforces_what_the_agent_streams_through_restarts_of_either() {
     );
     write_atomic(&other_file, OTHER_POLICY);
     let endpoints = dir.path().join("endpoints.yaml");
-    std::fs::write(
-        &endpoints,
-        "endpoints:\n  - {name: client, namespace: apps, labels: {app: client}, ips: [127.0.0.10]}\n  - {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [127.0.0.53]}\n",
-    )
-    .unwrap();
+    std::fs::write(&endpoints, DNS_ENDPOINTS).unwrap();
     let rules = dir.path().join("rules.sock");
     let observe = dir.path().join("observe.sock");
-    let port = free_udp_port();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let agent_metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_udp_port();
+    let metrics_port = common::free_tcp_port();
+    let agent_metrics_port = common::free_tcp_port();
     let scrape_port = |p: u16| {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "2"])

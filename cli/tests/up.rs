@@ -9,19 +9,13 @@ mod harness;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Reaped, write_atomic};
 use harness::{Topology, require_root};
 
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
 
 const CLIENT_EGRESS: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -89,25 +83,8 @@ fn until(want: u16, f: impl Fn() -> u16) -> Duration {
     panic!("not {want} after 10 s (last {})", f());
 }
 
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 fn wait_for_log(log: &Path, needle: &str) -> String {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(30) {
-        let s = std::fs::read_to_string(log).unwrap_or_default();
-        if s.contains(needle) {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "`{needle}` not in the log after 30 s:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+    common::wait_for_log(log, needle, Duration::from_secs(30))
 }
 
 /// python3 http.server on port 8080 in `host`'s namespace, serving `files`.
