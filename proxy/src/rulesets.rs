@@ -100,9 +100,11 @@ impl RuleSetBook {
                     .is_some_and(|h| h.kind == Kind::Inventory);
         }
         // Problems only the whole set shows (the same policy defined by two sources): the
-        // later source is refused and the set is built again without it.
+        // later source is refused and the set is built again without it. The last build is
+        // the state put in force (built once when nothing clashes).
+        let mut built = self.build(&next);
         for _ in 0..3 {
-            let Some(state) = self.build(&next) else {
+            let Some(state) = &built else {
                 break;
             };
             let clashing: Vec<(String, Vec<String>)> = next
@@ -133,9 +135,10 @@ impl RuleSetBook {
                     r.in_force_generation = next.get(&name).map_or(0, |h| h.generation);
                 }
             }
+            built = self.build(&next);
         }
         self.held = next;
-        let state = self.build(&self.held).map(|mut s| {
+        let state = built.map(|mut s| {
             self.revision += 1;
             s.revision = self.revision;
             s
