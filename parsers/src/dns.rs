@@ -102,7 +102,7 @@ impl fmt::Display for DnsError {
             DnsError::BadLabelType(b) => write!(f, "unsupported label type 0x{b:02x}"),
             DnsError::BadPointer { offset } => write!(
                 f,
-                "compression pointer at offset {offset} does not point backwards (or too many)"
+                "compression pointer at offset {offset} does not point backwards to a name (or too many)"
             ),
             DnsError::QuestionCount(n) => write!(f, "{n} questions (exactly one is allowed)"),
             DnsError::WrongDirection => write!(f, "QR bit not as expected"),
@@ -333,7 +333,9 @@ fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
     let mut wire_len = 0usize;
     let mut hops = 0usize;
     // Pointers must go strictly below the lowest offset visited so far: that alone makes every
-    // chain finite; the hop limit bounds the work.
+    // chain finite; the hop limit bounds the work. No name lives in the header, so a pointer
+    // into it is refused too: its "name" would be the ID and flags, which change when we answer
+    // (our refusal would then carry a different or unparsable question — found by the fuzzer).
     let mut floor = start;
     loop {
         let len = *msg.get(pos).ok_or(DnsError::Truncated { what: "name" })?;
@@ -362,7 +364,7 @@ fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
                     .ok_or(DnsError::Truncated { what: "name" })?;
                 let target = usize::from(u16::from_be_bytes([len & 0x3f, lo]));
                 hops += 1;
-                if target >= floor || hops > MAX_POINTER_HOPS {
+                if target >= floor || target < HEADER_LEN || hops > MAX_POINTER_HOPS {
                     return Err(DnsError::BadPointer { offset: pos });
                 }
                 if end.is_none() {
@@ -688,6 +690,15 @@ mod tests {
         let mut m = header(1, 0, [1, 0, 0, 0]);
         m.extend_from_slice(&[1, b'a', 0xc0, 16, 1, b'b', 0xc0, 12, 0, 1, 0, 1]);
         assert!(matches!(parse_query(&m), Err(DnsError::BadPointer { .. })));
+    }
+
+    #[test]
+    fn pointers_into_the_header_are_rejected() {
+        // ID 0x0161 and flags 0x0100 read as the labels "a" and "\000" when the question points
+        // at offset 0; our reply's flags (0x81..) would no longer read as a name.
+        let mut m = header(0x0161, 0x0100, [1, 0, 0, 0]);
+        m.extend_from_slice(&[0xc0, 0, 0, 1, 0, 1]);
+        assert_eq!(parse_query(&m), Err(DnsError::BadPointer { offset: 12 }));
     }
 
     #[test]
