@@ -655,9 +655,11 @@ mod tests {
     #[test]
     fn per_object_updates_touch_only_their_object_and_a_relist_only_its_kind() {
         let mk = |kind: &str, name: &str, port: &str| {
-            obj(serde_json::json!({"metadata": {"name": name, "namespace": "n", "resourceVersion": port},
+            obj(
+                serde_json::json!({"metadata": {"name": name, "namespace": "n", "resourceVersion": port},
                 "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": port}]}]}]},
-                "kind": kind}))
+                "kind": kind}),
+            )
         };
         let text = |k: PolicyKind, o: &DynamicObject| -> Arc<str> { document_text(&k, o).into() };
         let (cnp, tgp) = (CILIUM_NETWORK_POLICY, TOLLGATE_POLICY);
@@ -666,7 +668,11 @@ mod tests {
         cache.replace_kind(cnp, [(&a, &text(cnp, &a)), (&b, &text(cnp, &b))]);
         cache.replace_kind(tgp, [(&t, &text(tgp, &t))]);
         let names = |c: &PolicyCache| -> Vec<String> {
-            c.policy_set().policies.iter().map(|p| p.id.to_string()).collect()
+            c.policy_set()
+                .policies
+                .iter()
+                .map(|p| p.id.to_string())
+                .collect()
         };
         assert_eq!(names(&cache).len(), 3);
         let kept = Arc::as_ptr(&cache.policy_set().policies[0]);
