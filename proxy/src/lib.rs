@@ -32,6 +32,7 @@ mod sockets;
 pub mod state;
 mod udp_batch;
 pub mod upstream;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -133,8 +134,8 @@ pub struct ProxyArgs {
     /// Lowest TTL (seconds) a learned FQDN → IP mapping gets.
     #[arg(long, default_value_t = 0)]
     pub fqdn_min_ttl: u64,
-    /// Reload the policy files and the inventory when they change, checking every this many
-    /// milliseconds (0: never).
+    /// Reload the policy files and the inventory when they change (0: never): inotify sees a
+    /// change at once; this period is the fallback check (and frees replaced policies).
     #[arg(long, default_value_t = 0)]
     pub watch_ms: u64,
     /// Most IPs kept per learned name (the least recently refreshed go first).
@@ -333,8 +334,8 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reload the policy files and the inventory when they change (polling every `--watch-ms`)
-/// and swap the new policy in; a reload that would drop whole files or rules keeps the one in
+/// Reload the policy files and the inventory when they change ([`watch::FileWatch`]: inotify,
+/// plus a check every `--watch-ms`) and swap the new policy in; a reload that would drop whole files or rules keeps the one in
 /// force ([`PolicyState::load_strict`]). Each swap is logged with how long loading took.
 async fn watch(
     policies: Vec<PathBuf>,
@@ -343,12 +344,16 @@ async fn watch(
     handle: PolicyHandle,
     metrics: Arc<metrics::Metrics>,
 ) {
-    let mut seen = state::fingerprint(&policies, &endpoints);
+    let period = std::time::Duration::from_millis(watch_ms);
+    let mut files = watch::FileWatch::new(&policies, &endpoints, period);
     // Replaced policies, freed here once nothing else holds them: freeing thousands of rules
     // is work the threads answering queries should not do.
     let mut retired: Vec<Arc<PolicyState>> = Vec::new();
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(watch_ms)).await;
+        let changed = tokio::select! {
+            _ = files.changed() => true,
+            _ = tokio::time::sleep(period) => false,
+        };
         if retired.iter().any(|s| Arc::strong_count(s) == 1) {
             let (free, keep) = std::mem::take(&mut retired)
                 .into_iter()
@@ -357,11 +362,9 @@ async fn watch(
             let free: Vec<Arc<PolicyState>> = free;
             tokio::task::spawn_blocking(move || drop(free));
         }
-        let now = state::fingerprint(&policies, &endpoints);
-        if now == seen {
+        if !changed {
             continue;
         }
-        seen = now;
         let current = handle.load();
         let started = std::time::Instant::now();
         let (policies, endpoints) = (policies.clone(), endpoints.clone());
