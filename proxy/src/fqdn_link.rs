@@ -36,8 +36,11 @@ const QUEUE: usize = 4096;
 /// What the acks said so far.
 #[derive(Debug, Clone, Copy, Default)]
 struct Status {
-    /// Every message up to this one is in the kernel.
+    /// Every message up to this one was applied by the agent.
     applied: u64,
+    /// The messages of the last ack that reported an error (from, to): the agent could not
+    /// write them all to the kernel.
+    failed: (u64, u64),
     /// Counts connections: a ticket of an earlier one is not confirmed by a later one's acks
     /// (the later one re-announces everything under its own numbers).
     epoch: u64,
@@ -87,6 +90,9 @@ pub enum Outcome {
     TimedOut,
     /// The stream closed first.
     AgentAway,
+    /// The agent answered that it could not write them (it logs why, and retries with its
+    /// next change).
+    AgentError,
 }
 
 impl Outcome {
@@ -95,6 +101,7 @@ impl Outcome {
             Outcome::Confirmed => "confirmed",
             Outcome::TimedOut => "timeout",
             Outcome::AgentAway => "agent_away",
+            Outcome::AgentError => "agent_error",
         }
     }
 }
@@ -105,17 +112,24 @@ impl Ticket {
     pub async fn wait(mut self, max: Duration, qname: &str) -> Outcome {
         let started = Instant::now();
         let (seq, epoch) = (self.seq, self.epoch);
-        let waited = tokio::time::timeout(
+        // Decided on the status that ends the wait.
+        let mut outcome = Outcome::TimedOut;
+        let _ = tokio::time::timeout(
             max,
-            self.status
-                .wait_for(|s| s.applied >= seq || s.epoch != epoch || !s.open),
+            self.status.wait_for(|s| {
+                outcome = if s.epoch != epoch || (!s.open && s.applied < seq) {
+                    Outcome::AgentAway
+                } else if s.applied < seq {
+                    return false;
+                } else if (s.failed.0..=s.failed.1).contains(&seq) {
+                    Outcome::AgentError
+                } else {
+                    Outcome::Confirmed
+                };
+                true
+            }),
         )
         .await;
-        let outcome = match waited {
-            Ok(Ok(s)) if s.applied >= seq && s.epoch == epoch => Outcome::Confirmed,
-            Ok(_) => Outcome::AgentAway,
-            Err(_) => Outcome::TimedOut,
-        };
         let took = started.elapsed();
         self.metrics.fqdn_answer(outcome.label(), Some(took));
         if outcome != Outcome::Confirmed {
@@ -141,6 +155,7 @@ fn log_released(qname: &str, outcome: Outcome, took: Duration) {
         took.as_secs_f64() * 1000.0,
         match outcome {
             Outcome::TimedOut => "hold limit reached",
+            Outcome::AgentError => "the agent failed to write them",
             _ => "FQDN stream to the agent closed",
         }
     );
@@ -308,8 +323,11 @@ impl FqdnLink {
                 );
             }
             self.status.send_modify(|s| {
-                if s.epoch == epoch {
-                    s.applied = s.applied.max(ack.seq);
+                if s.epoch == epoch && ack.seq > s.applied {
+                    if !ack.error.is_empty() {
+                        s.failed = (s.applied + 1, ack.seq);
+                    }
+                    s.applied = ack.seq;
                 }
             });
         }
@@ -407,6 +425,29 @@ mod tests {
         assert!(
             m.contains("tollgate_proxy_fqdn_hold_seconds_count 2"),
             "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ack_reporting_an_error_releases_the_answer_counted_as_such() {
+        let (cache, link, metrics) = linked();
+        let mut agent = open(&cache, &link);
+        let full = agent.recv().await.unwrap();
+        ack(&link, full.seq);
+        let t = hold(cache.learn("e.test.", &[ip("192.0.2.8")], 30, Instant::now()));
+        let seq = agent.recv().await.unwrap().seq;
+        link.status.send_modify(|s| {
+            s.failed = (s.applied + 1, seq);
+            s.applied = seq;
+        });
+        assert_eq!(
+            t.wait(Duration::from_secs(5), "e.test.").await,
+            Outcome::AgentError
+        );
+        assert!(
+            counted(&metrics, "agent_error"),
+            "{}",
+            metrics.render_plain()
         );
     }
 

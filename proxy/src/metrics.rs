@@ -10,7 +10,8 @@
 //! - `tollgate_proxy_fqdn_answers_total{outcome}` (`--agent` mode): DNS answers that taught IPs
 //!   the agent did not have yet, by what released them — `confirmed` (the agent wrote them to the
 //!   kernel first), `timeout` (the hold limit passed first), `agent_away` (no FQDN stream to the
-//!   agent); `tollgate_proxy_fqdn_hold_seconds`: how long held answers waited;
+//!   agent), `agent_error` (the agent could not write them); `tollgate_proxy_fqdn_hold_seconds`:
+//!   how long held answers waited;
 //! - `tollgate_policy_revision`: the revision in force;
 //! - `tollgate_audit_queue_depth`: records waiting for the sink;
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
@@ -180,7 +181,8 @@ impl Metrics {
             "tollgate_proxy_fqdn_answers",
             "DNS answers that taught IPs the agent did not have yet (--agent mode), by what \
              released them: confirmed (in the kernel first), timeout (after --fqdn-max-hold-ms), \
-             agent_away (no FQDN stream to the agent; a first connection may be dropped)",
+             agent_away (no FQDN stream to the agent), agent_error (the agent could not write \
+             them); all but confirmed: a first connection may be dropped, never passed",
             fqdn_answers.clone(),
         );
         registry.register(
