@@ -62,7 +62,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
     /// Serve the policy as versioned rule sets to proxies on this Unix socket
-    /// (`tollgate proxy --agent SOCK`).
+    /// (`tollgate proxy --agent SOCK`), and take the IPs they learn from DNS answers into the
+    /// kernel (toFQDNs).
     #[arg(long)]
     pub rule_socket: Option<PathBuf>,
     /// Run no proxy in this process: a separate `tollgate proxy --agent SOCK --transparent
