@@ -250,7 +250,7 @@ fn tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy()
     let outside = t.other.v4.to_string();
     let _http = http_server(&t.other, &[("index.html", "outside\n")]);
     let resolver = t.server.v4.to_string();
-    let _dnsmasq = resolver_in(&t.server, &[("api.example.com", &outside)]);
+    let _dnsmasq = resolver_in(&t.server, &[("api.example.com", &outside)], 300);
     let url = format!("http://{outside}:8080/index.html");
     until(200, || curl(&t.client.netns, &url));
 
@@ -289,9 +289,9 @@ fn tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy()
     assert!(logged.contains("1 learned IP(s)"), "{logged}");
 }
 
-/// dnsmasq on port 53 of `host`'s IPv4 address (TTL 300), answering `records` (name, address)
-/// and nothing else.
-fn resolver_in(host: &harness::Host, records: &[(&str, &str)]) -> Reaped {
+/// dnsmasq on port 53 of `host`'s IPv4 address, answering `records` (name, address) with TTL
+/// `ttl` and nothing else.
+fn resolver_in(host: &harness::Host, records: &[(&str, &str)], ttl: u32) -> Reaped {
     Reaped(
         Command::new("ip")
             .args([
@@ -303,7 +303,7 @@ fn resolver_in(host: &harness::Host, records: &[(&str, &str)]) -> Reaped {
             ])
             .args(["-C", "/dev/null", "--port=53", "--bind-interfaces"])
             .args(["--no-resolv", "--no-hosts", "--user=root", "--pid-file="])
-            .arg("--local-ttl=300")
+            .arg(format!("--local-ttl={ttl}"))
             .arg(format!("--listen-address={}", host.v4))
             .args(
                 records
@@ -695,12 +695,15 @@ fn fqdn_ips_learned_by_a_separate_proxy_are_in_the_kernel_before_the_answer_is_r
     let not_allowed = t.other.v6.to_string();
     let _http = http_server_at(&t.other, "::", &[("index.html", "outside\n")]);
     let resolver = t.server.v4.to_string();
+    // TTL 6 s: long enough for the steps up to the agent restart, short enough to see the
+    // agent drop what a proxy that went away taught.
     let _dnsmasq = resolver_in(
         &t.server,
         &[
             ("api.example.com", &outside),
             ("blocked.example.org", &not_allowed),
         ],
+        6,
     );
     let url = format!("http://{outside}:8080/index.html");
     let blocked_url = format!("http://[{not_allowed}]:8080/index.html");
@@ -720,7 +723,7 @@ fn fqdn_ips_learned_by_a_separate_proxy_are_in_the_kernel_before_the_answer_is_r
     let up = start_up_with(&t, &policies, &inventory, &log1, &audit, &up_args);
     wait_for_log(&log1, "revision 1:");
     let plog = dir.path().join("proxy.log");
-    let _proxy = start_proxy_with(
+    let proxy = start_proxy_with(
         &t,
         &socket,
         &plog,
@@ -814,10 +817,19 @@ fn fqdn_ips_learned_by_a_separate_proxy_are_in_the_kernel_before_the_answer_is_r
     let rebuilt = restarted.elapsed();
     assert_eq!(curl_quick(&t.client.netns, &url), 200, "{}", logs());
     assert_eq!(curl_quick(&t.client.netns, &blocked_url), 0);
+
+    // The proxy goes away: what it taught stays in the kernel (a flow to the learned IP does
+    // not need the proxy) until the TTL it reported runs out, then it is dropped.
+    drop(proxy);
+    wait_for_log(&log2, "closed; what it taught stays until its TTL");
+    assert_eq!(curl_quick(&t.client.netns, &url), 200, "{}", logs());
+    let gone = until(0, || curl_quick(&t.client.netns, &url));
+    let logged = wait_for_log(&log2, "TTL ran out after a proxy left");
+    assert!(logged.contains("0 learned IP(s)"), "{logged}");
     eprintln!(
         "separate proxy, toFQDNs: the held answer waited {:.1} ms for the agent (dig {held_dig:?} \
          held vs {known_dig:?} not held); agent restart to the learned IP allowed again \
-         {rebuilt:?}",
+         {rebuilt:?}; after the proxy left, dropped at its TTL {gone:?} later",
         held * 1000.0
     );
 }
