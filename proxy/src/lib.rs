@@ -56,7 +56,8 @@ pub struct ProxyArgs {
     /// (`tollgate agent --rule-socket`, `tollgate up --external-proxy`) instead of files.
     /// Listeners start once the first version is in force; while the agent is away the last
     /// good version is served. The IPs learned from DNS answers go back to the agent, which
-    /// writes them to the kernel before the answer is released (`--fqdn-max-hold-ms`).
+    /// writes them to the kernel before the answer is released (`--fqdn-max-hold-ms`; `tollgate
+    /// up` does, `tollgate agent` has no datapath and does not take them).
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Mark for the upstream sockets of transparent listeners, by which the datapath admits

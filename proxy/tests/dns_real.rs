@@ -685,6 +685,36 @@ async fn an_answer_teaching_new_ips_waits_for_the_agent_and_other_queries_do_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_too_an_answer_teaching_a_new_ip_waits_for_the_agent() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        fqdn_max_hold: Duration::from_secs(5),
+        ..DnsOptions::default()
+    };
+    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let ack_after = Duration::from_millis(500);
+    let (_agent, _dir) = link_to_stand_in(&p, Some(ack_after)).await;
+    let q = |name: &'static str| vec!["+tcp", "+tries=1", "+time=4", name, "AAAA"];
+    let t = Instant::now();
+    let d = dig_async(p.addr, Some("127.0.0.10"), q("api.example.com")).await;
+    let held = t.elapsed();
+    assert_eq!(
+        d.answers,
+        vec!["api.example.com. 300 IN AAAA 2001:db8::10"],
+        "{d:?}"
+    );
+    assert!(held >= ack_after - Duration::from_millis(50), "{held:?}");
+    // Confirmed now: the same answer goes out at once.
+    let t = Instant::now();
+    let d = dig_async(p.addr, Some("127.0.0.10"), q("api.example.com")).await;
+    assert_eq!(d.status, "NOERROR", "{d:?}");
+    assert!(t.elapsed() < ack_after, "{:?}", t.elapsed());
+    assert_eq!(fqdn_answers(&p, "confirmed"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_agent_s_ack_the_answer_goes_out_at_the_hold_limit_and_is_counted() {
     let port = free_port();
     let (_unbound, _d) = unbound(port);
