@@ -8,7 +8,8 @@
 //!   cluster-wide identities (`TollgateIdentity` objects), writes TollgatePolicy status and
 //!   events for the kinds we do not own.
 //! * [`rulesets`] serves versioned rule sets to proxies (`tollgate_api::v1::RuleSets`) and
-//!   keeps each proxy's ACK/NACK.
+//!   keeps each proxy's ACK/NACK; [`learned`] keeps the IPs proxies learned from DNS answers
+//!   (`toFQDNs`), by proxy, and serves the stream they report them on (`tollgate_api::v1::Fqdn`).
 //! * [`metrics`]: the agent's Prometheus metrics.
 //! * [`crd`] generates the CRDs (`TollgatePolicy` from the policy types, `TollgateIdentity`).
 //!
@@ -17,6 +18,7 @@
 pub mod apply;
 pub mod crd;
 pub mod kubernetes;
+pub mod learned;
 pub mod metrics;
 pub mod plan;
 pub mod rulesets;

@@ -23,6 +23,7 @@ pub mod dns;
 mod flow;
 mod forward;
 pub mod fqdn;
+pub mod fqdn_link;
 mod framing;
 pub mod kafka;
 pub mod metrics;
@@ -55,7 +56,9 @@ pub struct ProxyArgs {
     /// Take policy and inventory from the agent's rule-set stream on this Unix socket
     /// (`tollgate agent --rule-socket`, `tollgate up --external-proxy`) instead of files.
     /// Listeners start once the first version is in force; while the agent is away the last
-    /// good version is served.
+    /// good version is served. The IPs learned from DNS answers go back to the agent, which
+    /// writes them to the kernel before the answer is released (`--fqdn-max-hold-ms`; `tollgate
+    /// up` does, `tollgate agent` has no datapath and does not take them).
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Mark for the upstream sockets of transparent listeners, by which the datapath admits
@@ -144,6 +147,12 @@ pub struct ProxyArgs {
     /// How long (seconds) an expired IP outlives its last proxied connection.
     #[arg(long, default_value_t = 0)]
     pub fqdn_grace: u64,
+    /// With `--agent`: longest a DNS answer that teaches new IPs is held until the agent has
+    /// written them to the kernel (milliseconds; Cilium's tofqdns-proxy-response-max-delay).
+    /// Past it the answer goes out anyway, counted and logged: the client's first connection to
+    /// a new IP may then be dropped (never passed) until the agent catches up.
+    #[arg(long, default_value_t = dns::DEFAULT_FQDN_MAX_HOLD.as_millis() as u64)]
+    pub fqdn_max_hold_ms: u64,
 }
 
 /// Run the proxy until the process is stopped.
@@ -171,6 +180,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         deny_rcode: dns::parse_deny_rcode(&args.dns_deny_rcode)?,
         upstream_timeout: std::time::Duration::from_millis(args.dns_upstream_timeout_ms),
         max_in_flight: args.dns_max_in_flight,
+        fqdn_max_hold: std::time::Duration::from_millis(args.fqdn_max_hold_ms),
         ..dns::DnsOptions::default()
     };
     let fqdn = Arc::new(fqdn::FqdnCache::new(fqdn::FqdnConfig {
