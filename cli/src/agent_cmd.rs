@@ -16,7 +16,8 @@ use tollgate_agent::kubernetes::source::{self, Identities, Options, Snapshot};
 use tollgate_agent::metrics::{AgentMetrics, Applied};
 use tollgate_agent::plan::{ProxyPorts, compile};
 use tollgate_agent::rulesets::{RuleSetServer, describe, rule_sets};
-use tollgate_proxy::state::{Sources, fingerprint};
+use tollgate_proxy::state::Sources;
+use tollgate_proxy::watch::FileWatch;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
@@ -36,8 +37,8 @@ pub struct AgentArgs {
     /// Serve rule sets to proxies on this Unix socket.
     #[arg(long)]
     pub rule_socket: Option<PathBuf>,
-    /// How often the files are checked for changes (milliseconds).
-    #[arg(long, default_value_t = 200)]
+    /// Fallback check of the files (milliseconds); inotify sees changes at once.
+    #[arg(long, default_value_t = 1000)]
     pub poll_ms: u64,
     /// Serve the agent's Prometheus metrics on this address (`/metrics`; with `--rule-socket`).
     #[arg(long)]
@@ -163,7 +164,11 @@ fn serve_files(args: &AgentArgs, endpoints: &Path, socket: &Path) -> Result<bool
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut seen = fingerprint(&args.policies, endpoints);
+        let mut files = FileWatch::new(
+            &args.policies,
+            endpoints,
+            Duration::from_millis(args.poll_ms.max(10)),
+        );
         let sources = Sources::read(&args.policies, endpoints)?;
         let server = log_acks(RuleSetServer::new(rule_sets_of(&sources)), "tollgate agent");
         let metrics = std::sync::Arc::new(AgentMetrics::new());
@@ -189,12 +194,7 @@ fn serve_files(args: &AgentArgs, endpoints: &Path, socket: &Path) -> Result<bool
         );
         tokio::spawn(server.clone().serve_unix(socket.to_path_buf()));
         loop {
-            tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
-            let now = fingerprint(&args.policies, endpoints);
-            if now == seen {
-                continue;
-            }
-            seen = now;
+            files.changed().await;
             match Sources::read(&args.policies, endpoints) {
                 Ok(sources) => {
                     let started = std::time::Instant::now();
