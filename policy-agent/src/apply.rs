@@ -3,6 +3,7 @@
 use tollgate_datapath::{Datapath, DatapathError, PolicyEntry};
 
 use crate::plan::Plan;
+use crate::route::ifindex;
 
 /// What [`apply`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -129,8 +130,10 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
     for ifname in old_eps.keys().filter(|i| !present.contains(*i)) {
         if let Some(idx) = ifindex(ifname) {
             dp.remove_endpoint(idx)?;
-            dp.detach(ifname)?;
         }
+        // The pinned links go even when the interface is gone (a deleted pod's veth): an
+        // interface created later under the same name (the pod recreated) gets fresh ones.
+        dp.detach(ifname)?;
         out.endpoints_removed += 1;
     }
 
@@ -153,11 +156,4 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
     dp.remove_ipcache(&stale_nets)?;
     out.ipcache_removed = stale_nets.len();
     Ok(out)
-}
-
-fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string; the call has no other preconditions.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
 }
