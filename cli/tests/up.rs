@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{Reaped, write_atomic};
 use harness::{Topology, require_root};
-use kernel::{curl, curl_quick, http_server, start_proxy, until, wait_for_log};
+use kernel::{WebServer, curl, curl_quick, http_server, start_proxy, until, wait_for_log};
 
 mod common;
 
@@ -52,13 +52,8 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
 
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
@@ -423,13 +418,8 @@ fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_whil
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();

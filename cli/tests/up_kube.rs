@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::Reaped;
 use fake_api::{FakeApi, namespace, pod, policy};
 use harness::{Topology, require_root};
-use kernel::{curl, curl_quick, http_server, start_proxy, until, wait_for_log};
+use kernel::{WebServer, curl, curl_quick, start_proxy, until, wait_for_log};
 use serde_json::{Value, json};
 
 /// This node's name; the fake's other node is `node-b`.
@@ -190,14 +190,9 @@ fn tollgate_up_enforces_the_kubernetes_source_on_this_nodes_pods() {
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
     harness::spawn_echo_server(&t.server.netns, 7000);
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
     let echo = SocketAddr::new(t.server.v4.into(), 7000);
     assert!(harness::tcp_ok(&t.client.netns, echo), "open before");
 
@@ -325,13 +320,8 @@ fn kubernetes_snapshots_feed_a_separate_proxy_as_rule_sets() {
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
     let dir = tempfile::tempdir().unwrap();
     let (_rt, fake, kubeconfig) = fake_in_node(&t, dir.path());
     fake.put(namespace("prod", json!({})));

@@ -12,24 +12,20 @@ use crate::harness::{Host, Topology};
 
 /// `curl` from `netns`: the HTTP status, or 0 when no connection could be made.
 pub fn curl(netns: &str, url: &str) -> u16 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "curl", "-s", "-o", "/dev/null"])
-        .args(["--max-time", "2", "-w", "%{http_code}", url])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    curl_with(netns, url, &[])
 }
 
 /// Like [`curl`] but giving up on a connection after 100 ms, so that timing a change to
 /// "dropped" is not dominated by the client's own timeout.
 pub fn curl_quick(netns: &str, url: &str) -> u16 {
+    curl_with(netns, url, &["--connect-timeout", "0.1"])
+}
+
+fn curl_with(netns: &str, url: &str, options: &[&str]) -> u16 {
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "curl", "-s", "-o", "/dev/null"])
-        .args(["--connect-timeout", "0.1", "--max-time", "2"])
-        .args(["-w", "%{http_code}", url])
+        .args(options)
+        .args(["--max-time", "2", "-w", "%{http_code}", url])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -78,6 +74,32 @@ pub fn http_server(host: &Host, files: &[(&str, &str)]) -> (Reaped, tempfile::Te
         .spawn()
         .unwrap();
     (Reaped(child), www)
+}
+
+/// python3 http.server in the server's namespace with `allowed.txt` and `secret.txt`, once the
+/// client reaches it (no policy is in force yet).
+pub struct WebServer {
+    _http: (Reaped, tempfile::TempDir),
+    base: String,
+}
+
+impl WebServer {
+    pub fn start(t: &Topology) -> WebServer {
+        let web = WebServer {
+            _http: http_server(
+                &t.server,
+                &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
+            ),
+            base: format!("http://{}:8080", t.server.v4),
+        };
+        until(200, || curl(&t.client.netns, &web.url("/allowed.txt")));
+        web
+    }
+
+    /// The URL of `path` on it.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
 }
 
 /// `tollgate proxy --agent SOCK` in the node namespace, serving the redirect ports.
