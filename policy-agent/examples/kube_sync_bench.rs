@@ -303,8 +303,9 @@ async fn main() {
     let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     if !lat.is_empty() {
         println!(
-            "one CNP changed → snapshot ({} changes, debounce 100 ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            "one CNP changed → snapshot ({} changes, debounce {} ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             lat.len(),
+            Options::default().debounce.as_millis(),
             q(0.5),
             q(0.99),
             lat[lat.len() - 1]

@@ -27,6 +27,7 @@ async fn node(fake: &FakeApi, grace: Duration) -> (ClusterIdentities, tokio::tas
         (),
         "TollgateIdentities".into(),
         Arc::new(Notify::new()),
+        Default::default(),
         |_| {},
     );
     tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())

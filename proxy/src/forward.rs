@@ -207,9 +207,11 @@ pub async fn serve_listener(l: Listener) -> Result<()> {
 /// What every request of one connection shares.
 struct Conn {
     l: Arc<Listener>,
-    /// The upstream connection of an HTTP/1 downstream connection: its requests are
-    /// sequential, so one dedicated upstream connection serves them without a shared pool.
-    upstream_h1: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    /// This connection's own upstream HTTP/1 connections (no pool shared between downstream
+    /// connections: no global lock, no pool key, no absolute URI per request). An HTTP/1
+    /// downstream's requests are sequential, so it uses one; an HTTP/2 downstream uses as many
+    /// as it has streams in flight at once, reused as they become free.
+    upstream_h1: std::sync::Mutex<Vec<UpstreamH1>>,
     flow: Flow,
 }
 
@@ -295,7 +297,7 @@ async fn handle_connection(
         return crate::kafka::serve_flow(kafka, flow, stream).await;
     }
     let conn = Arc::new(Conn {
-        upstream_h1: tokio::sync::Mutex::new(None),
+        upstream_h1: std::sync::Mutex::new(Vec::new()),
         flow,
         l: l.clone(),
     });
@@ -634,7 +636,8 @@ async fn forward(
         }
         parts.headers.remove(*h);
     }
-    let dedicated = !grpc && parts.version != Version::HTTP_2;
+    // HTTP/2 CONNECT keeps the shared client (an authority-form request, tunnelled after it).
+    let dedicated = !grpc && !(connect && parts.version == Version::HTTP_2);
     let target = if dedicated {
         path.to_string()
     } else {
@@ -646,6 +649,16 @@ async fn forward(
             Bytes::from_static(b"Bad request\r\n"),
         );
     };
+    if dedicated && !parts.headers.contains_key(http::header::HOST) {
+        // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs a Host header.
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => HeaderValue::from_str(&conn.upstream.to_string()).ok(),
+        };
+        if let Some(h) = host {
+            parts.headers.insert(http::header::HOST, h);
+        }
+    }
     parts.uri = uri;
     let result = if dedicated {
         parts.version = Version::HTTP_11;
@@ -690,22 +703,46 @@ async fn forward(
     }
 }
 
-/// Send on the connection's own upstream HTTP/1 connection, (re)connecting when needed.
+type UpstreamH1 = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// Idle upstream connections a downstream connection keeps (more are opened when more of its
+/// streams are in flight, and closed after their request).
+const MAX_IDLE_UPSTREAM_PER_CONNECTION: usize = 16;
+
+/// Send on one of the connection's own upstream HTTP/1 connections: a free one (its last
+/// response complete), else a new one.
 async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>> {
-    let mut slot = conn.upstream_h1.lock().await;
-    if slot.as_ref().is_none_or(|s| s.is_closed()) {
-        let stream = crate::upstream::connect(conn.upstream, conn.l.upstream_mark).await?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-        *slot = Some(sender);
-    }
-    let Some(sender) = slot.as_mut() else {
-        anyhow::bail!("no upstream connection");
+    let free = {
+        let mut idle = conn
+            .upstream_h1
+            .lock()
+            .map_err(|_| anyhow::anyhow!("upstream connections poisoned"))?;
+        idle.retain(|s| !s.is_closed());
+        idle.iter()
+            .position(|s| s.is_ready())
+            .map(|i| idle.swap_remove(i))
+    };
+    let mut sender = match free {
+        Some(s) => s,
+        None => {
+            let stream = crate::upstream::connect(conn.upstream, conn.l.upstream_mark).await?;
+            let _ = stream.set_nodelay(true);
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            sender
+        }
     };
     sender.ready().await?;
-    Ok(sender.send_request(req).await?)
+    let response = sender.send_request(req);
+    // Back among the idle ones at once: it becomes free when this response has been read,
+    // and is skipped until then.
+    if let Ok(mut idle) = conn.upstream_h1.lock()
+        && idle.len() < MAX_IDLE_UPSTREAM_PER_CONNECTION
+    {
+        idle.push(sender);
+    }
+    Ok(response.await?)
 }

@@ -289,7 +289,10 @@ async fn denial_keeps_the_http1_connection_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_requests_are_judged_per_stream() {
     need("h2load");
-    let origin = Nginx::start();
+    let origin = Nginx::start_with(
+        "location / { return 200 \"origin $request_method $request_uri host=$http_host\\n\"; }",
+        "",
+    );
     let p = start_proxy(None, "api-server:8080", origin.port).await;
     let (code, body) = curl(
         "127.0.0.10",
@@ -297,7 +300,14 @@ async fn h2c_prior_knowledge_requests_are_judged_per_stream() {
         &format!("http://{}/public/h2", p.addr),
     )
     .await;
-    assert_eq!((code, body.as_str()), (200, "origin GET /public/h2\n"));
+    // Forwarded as HTTP/1.1: the stream's :authority becomes the Host header.
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            200,
+            format!("origin GET /public/h2 host={}\n", p.addr).as_str()
+        )
+    );
     let (code, _) = curl(
         "127.0.0.10",
         &["--http2-prior-knowledge"],

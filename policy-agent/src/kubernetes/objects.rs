@@ -229,7 +229,8 @@ pub fn load_sources(sources: &[(String, String)]) -> PolicySet {
 #[derive(Debug, Default)]
 pub struct PolicyCache {
     by_object: BTreeMap<(PolicyKind, Option<String>, Option<String>), Cached>,
-    /// Of the last [`PolicyCache::refresh_documents`]: entries not seen by it are dropped.
+    /// Of the last full refresh ([`PolicyCache::refresh_documents`], [`PolicyCache::replace_kind`]):
+    /// entries it did not see are dropped.
     generation: u64,
 }
 
@@ -276,6 +277,16 @@ fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
+type CacheKey = (PolicyKind, Option<String>, Option<String>);
+
+fn cache_key(kind: PolicyKind, obj: &DynamicObject) -> CacheKey {
+    (
+        kind,
+        obj.metadata.namespace.clone(),
+        obj.metadata.name.clone(),
+    )
+}
+
 impl PolicyCache {
     /// Bring the cache to `objects` (the complete current set); returns a fingerprint of the
     /// documents, equal for equal inputs (a status-only change leaves it as it was).
@@ -296,47 +307,75 @@ impl PolicyCache {
         &mut self,
         objects: impl IntoIterator<Item = (PolicyKind, &'a DynamicObject, &'a Arc<str>)>,
     ) -> u64 {
-        // In place: a change touches one entry, the others are only marked as still there.
-        self.generation = self.generation.wrapping_add(1);
-        let generation = self.generation;
+        let generation = self.next_generation();
         for (kind, obj, text) in objects {
-            let key = (
-                kind,
-                obj.metadata.namespace.clone(),
-                obj.metadata.name.clone(),
-            );
-            let rv = &obj.metadata.resource_version;
-            match self.by_object.get_mut(&key) {
-                // The same object, or (a status-only change) the same document: keep what was
-                // loaded, and take the store's copy of the text so only one is kept.
-                Some(c)
-                    if (c.resource_version.is_some() && c.resource_version == *rv)
-                        || *c.text == **text =>
-                {
-                    c.resource_version.clone_from(rv);
-                    c.text = text.clone();
-                    c.seen = generation;
-                }
-                _ => {
-                    let name = kind.source_name(obj);
-                    let set = load_sources(&[(name, text.to_string())]).into();
-                    self.by_object.insert(
-                        key,
-                        Cached {
-                            resource_version: rv.clone(),
-                            hash: fnv(text.bytes(), FNV_OFFSET),
-                            text: text.clone(),
-                            set,
-                            seen: generation,
-                        },
-                    );
-                }
-            }
+            self.upsert(kind, obj, text);
         }
         self.by_object.retain(|_, c| c.seen == generation);
+        self.fingerprint()
+    }
+
+    /// Every object of `kind` is in `objects` (a relist): others of that kind are dropped.
+    pub fn replace_kind<'a>(
+        &mut self,
+        kind: PolicyKind,
+        objects: impl IntoIterator<Item = (&'a DynamicObject, &'a Arc<str>)>,
+    ) {
+        let generation = self.next_generation();
+        for (obj, text) in objects {
+            self.upsert(kind, obj, text);
+        }
+        self.by_object
+            .retain(|(k, ..), c| *k != kind || c.seen == generation);
+    }
+
+    /// One object was added or changed (kept as it was when only its status changed).
+    pub fn upsert(&mut self, kind: PolicyKind, obj: &DynamicObject, text: &Arc<str>) {
+        let generation = self.generation;
+        let rv = &obj.metadata.resource_version;
+        match self.by_object.get_mut(&cache_key(kind, obj)) {
+            // The same object, or (a status-only change) the same document: keep what was
+            // loaded, and take the store's copy of the text so only one is kept.
+            Some(c)
+                if (c.resource_version.is_some() && c.resource_version == *rv)
+                    || *c.text == **text =>
+            {
+                c.resource_version.clone_from(rv);
+                c.text = text.clone();
+                c.seen = generation;
+            }
+            _ => {
+                let name = kind.source_name(obj);
+                let set = load_sources(&[(name, text.to_string())]).into();
+                self.by_object.insert(
+                    cache_key(kind, obj),
+                    Cached {
+                        resource_version: rv.clone(),
+                        hash: fnv(text.bytes(), FNV_OFFSET),
+                        text: text.clone(),
+                        set,
+                        seen: generation,
+                    },
+                );
+            }
+        }
+    }
+
+    /// One object of `kind` was deleted.
+    pub fn remove(&mut self, kind: PolicyKind, namespace: Option<String>, name: Option<String>) {
+        self.by_object.remove(&(kind, namespace, name));
+    }
+
+    /// A fingerprint of the documents now in the cache (see [`PolicyCache::refresh`]).
+    pub fn fingerprint(&self) -> u64 {
         self.by_object
             .values()
             .fold(FNV_OFFSET, |h, c| fnv(c.hash.to_le_bytes(), h))
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation
     }
 
     /// Every object's source name (`Kind ns/name`) and document text, in the order of
@@ -648,6 +687,45 @@ mod tests {
             1,
             "a deleted object is gone"
         );
+    }
+
+    #[test]
+    fn per_object_updates_touch_only_their_object_and_a_relist_only_its_kind() {
+        let mk = |kind: &str, name: &str, port: &str| {
+            obj(
+                serde_json::json!({"metadata": {"name": name, "namespace": "n", "resourceVersion": port},
+                "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": port}]}]}]},
+                "kind": kind}),
+            )
+        };
+        let text = |k: PolicyKind, o: &DynamicObject| -> Arc<str> { document_text(&k, o).into() };
+        let (cnp, tgp) = (CILIUM_NETWORK_POLICY, TOLLGATE_POLICY);
+        let (a, b, t) = (mk("x", "a", "80"), mk("x", "b", "81"), mk("x", "t", "82"));
+        let mut cache = PolicyCache::default();
+        cache.replace_kind(cnp, [(&a, &text(cnp, &a)), (&b, &text(cnp, &b))]);
+        cache.replace_kind(tgp, [(&t, &text(tgp, &t))]);
+        let names = |c: &PolicyCache| -> Vec<String> {
+            c.policy_set()
+                .policies
+                .iter()
+                .map(|p| p.id.to_string())
+                .collect()
+        };
+        assert_eq!(names(&cache).len(), 3);
+        let kept = Arc::as_ptr(&cache.policy_set().policies[0]);
+        let before = cache.fingerprint();
+        // b changes: a stays loaded as it was.
+        let b2 = mk("x", "b", "99999");
+        cache.upsert(cnp, &b2, &text(cnp, &b2));
+        assert_ne!(cache.fingerprint(), before);
+        assert_eq!(Arc::as_ptr(&cache.policy_set().policies[0]), kept);
+        assert_eq!(cache.policy_set().diagnostics.len(), 1, "b's bad port");
+        // A relist of the CNPs without a drops a, and leaves the TollgatePolicy alone.
+        cache.replace_kind(cnp, [(&b2, &text(cnp, &b2))]);
+        assert_eq!(names(&cache).len(), 2, "{:?}", names(&cache));
+        cache.remove(cnp, Some("n".into()), Some("b".into()));
+        assert_eq!(names(&cache).len(), 1);
+        assert!(cache.policy_set().diagnostics.is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -69,7 +70,9 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            debounce: Duration::from_millis(100),
+            // Long enough to take a `kubectl apply` of a directory (events microseconds apart) as
+            // one recompile, short enough for the < 100 ms change-to-enforcement target.
+            debounce: Duration::from_millis(20),
             max_delay: Duration::from_secs(1),
             identities: Identities::Cluster {
                 gc_grace: Duration::from_secs(300),
@@ -126,13 +129,14 @@ impl Drop for Running {
 }
 
 /// Watch `api` into a store (kube-runtime watcher + reflector, default backoff); every change
-/// wakes `notify`. Watch errors are logged (the watcher recovers by itself). `strip` runs on
+/// counts one in `changes` and wakes `notify`. Watch errors are logged (the watcher recovers by itself). `strip` runs on
 /// every object before it is stored (drop what the agent never reads).
 pub fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     what: String,
     notify: Arc<Notify>,
+    changes: Arc<AtomicU64>,
     strip: fn(&mut K),
 ) -> (Store<K>, JoinHandle<()>)
 where
@@ -151,7 +155,10 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => notify.notify_one(),
+                Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
+                    changes.fetch_add(1, Ordering::SeqCst);
+                    notify.notify_one()
+                }
                 Ok(Event::Init | Event::InitApply(_)) => {}
                 // The watcher relists or re-watches by itself; say why.
                 Err(e) => tracing::warn!("watching {what}: {e}"),
@@ -190,13 +197,34 @@ impl StoredPolicy {
     }
 }
 
-type PolicyKey = (Option<String>, Option<String>);
+/// (namespace, name) of a policy object.
+pub type PolicyKey = (Option<String>, Option<String>);
 
 /// A store of one policy kind, filled by [`reflect_policies`].
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
     objects: Arc<std::sync::RwLock<HashMap<PolicyKey, Arc<StoredPolicy>>>>,
+    /// What changed since the last [`PolicyStore::take_changes`]: a recompile after one
+    /// object changed reloads that object without walking the other 10,000.
+    changes: Arc<std::sync::Mutex<Changes>>,
     ready: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Changes {
+    /// The store was replaced (a first list or a relist).
+    all: bool,
+    keys: std::collections::HashSet<PolicyKey>,
+}
+
+/// What [`PolicyStore::take_changes`] returns.
+#[derive(Debug)]
+pub enum StoreChanges {
+    /// Every object (the store was relisted).
+    All(Vec<Arc<StoredPolicy>>),
+    /// The objects changed since the last take: (namespace, name) and the object now (`None`:
+    /// deleted).
+    Some(Vec<(PolicyKey, Option<Arc<StoredPolicy>>)>),
 }
 
 impl PolicyStore {
@@ -206,6 +234,49 @@ impl PolicyStore {
             .read()
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// What changed since the last call. Writers record a key after storing its object, so an
+    /// object changed while this runs is either read here in its new state or taken next time.
+    pub fn take_changes(&self) -> StoreChanges {
+        let taken = match self.changes.lock() {
+            Ok(mut c) => std::mem::take(&mut *c),
+            Err(_) => Changes {
+                all: true,
+                ..Changes::default()
+            },
+        };
+        let Ok(objects) = self.objects.read() else {
+            return StoreChanges::Some(Vec::new());
+        };
+        if taken.all {
+            return StoreChanges::All(objects.values().cloned().collect());
+        }
+        StoreChanges::Some(
+            taken
+                .keys
+                .into_iter()
+                .map(|k| {
+                    let now = objects.get(&k).cloned();
+                    (k, now)
+                })
+                .collect(),
+        )
+    }
+
+    fn changed(&self, key: Option<PolicyKey>) {
+        if let Ok(mut c) = self.changes.lock() {
+            match key {
+                Some(k) if !c.all => {
+                    c.keys.insert(k);
+                }
+                Some(_) => {}
+                None => {
+                    c.all = true;
+                    c.keys.clear();
+                }
+            }
+        }
     }
 
     /// Once the first list is in.
@@ -231,9 +302,11 @@ pub fn reflect_policies(
     let (ready_tx, ready) = watch::channel(false);
     let store = PolicyStore {
         objects: Default::default(),
+        changes: Default::default(),
         ready,
     };
     let objects = store.objects.clone();
+    let recorder = store.clone();
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let key = |o: &DynamicObject| (o.metadata.namespace.clone(), o.metadata.name.clone());
     let task = tokio::spawn(async move {
@@ -249,6 +322,7 @@ pub fn reflect_policies(
                     if let Ok(mut m) = objects.write() {
                         *m = std::mem::take(&mut buffer);
                     }
+                    recorder.changed(None);
                     ready_tx.send_replace(true);
                     notify.notify_one();
                 }
@@ -256,14 +330,17 @@ pub fn reflect_policies(
                     let k = key(&o);
                     let stored = Arc::new(StoredPolicy::new(&kind, o));
                     if let Ok(mut m) = objects.write() {
-                        m.insert(k, stored);
+                        m.insert(k.clone(), stored);
                     }
+                    recorder.changed(Some(k));
                     notify.notify_one();
                 }
                 Ok(Event::Delete(o)) => {
+                    let k = key(&o);
                     if let Ok(mut m) = objects.write() {
-                        m.remove(&key(&o));
+                        m.remove(&k);
                     }
+                    recorder.changed(Some(k));
                     notify.notify_one();
                 }
                 Err(e) => tracing::warn!("watching {}: {e}", kind.kind),
@@ -296,7 +373,20 @@ struct Loop {
     revision: u64,
     last_inputs: Option<u64>,
     cache: objects::PolicyCache,
+    /// Counts changes of Pods, Namespaces and identities.
+    inventory_changes: Arc<AtomicU64>,
+    /// The inventory built at a count of `inventory_changes`, reused while it stays.
+    inventory: Option<BuiltInventory>,
     write_errors: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// An inventory with its problems and fingerprint, as of one count of changes.
+#[derive(Debug)]
+struct BuiltInventory {
+    changes: u64,
+    inventory: Inventory,
+    notes: Vec<String>,
+    key: u64,
 }
 
 /// FNV-1a over the inputs, to tell whether a recompile would change anything.
@@ -330,12 +420,37 @@ impl Loop {
             .collect()
     }
 
-    /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
-    async fn compile(&mut self) -> Result<Option<Snapshot>> {
-        let objects = self.policy_objects();
-        let policies_key = self
-            .cache
-            .refresh_documents(objects.iter().map(|(k, o)| (*k, &o.obj, &o.text)));
+    /// Bring the policy cache up to the stores' changes; only changed objects are reloaded.
+    fn refresh_policies(&mut self) -> u64 {
+        for (kind, store) in &self.policies {
+            match store.take_changes() {
+                StoreChanges::All(objects) => self
+                    .cache
+                    .replace_kind(*kind, objects.iter().map(|o| (&o.obj, &o.text))),
+                StoreChanges::Some(changed) => {
+                    for ((namespace, name), now) in changed {
+                        match now {
+                            Some(o) => self.cache.upsert(*kind, &o.obj, &o.text),
+                            None => self.cache.remove(*kind, namespace, name),
+                        }
+                    }
+                }
+            }
+        }
+        self.cache.fingerprint()
+    }
+
+    /// The inventory of the pods, namespaces and identities now; rebuilt only when one of
+    /// them changed since the last build.
+    async fn inventory(&mut self) -> Result<&BuiltInventory> {
+        // Read before the stores: a change while building bumps it, and is built next time.
+        let changes = self.inventory_changes.load(Ordering::SeqCst);
+        if let Some(b) = &self.inventory
+            && b.changes == changes
+        {
+            return Ok(self.inventory.as_ref().expect("checked"));
+        }
+        self.inventory = None;
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
         let (mut inventory, notes) = objects::build_inventory(
@@ -362,18 +477,31 @@ impl Loop {
                 }
             }
         }
-        let mut parts: Vec<String> = vec![policies_key.to_string()];
-        parts.extend(
-            inventory
-                .endpoints
-                .iter()
-                .map(|e| format!("{:?} {} {}", e.spec, e.labels, e.identity)),
-        );
+        let mut parts: Vec<String> = inventory
+            .endpoints
+            .iter()
+            .map(|e| format!("{:?} {} {}", e.spec, e.labels, e.identity))
+            .collect();
         parts.extend(notes.iter().cloned());
         let key = fingerprint(&parts);
+        Ok(self.inventory.insert(BuiltInventory {
+            changes,
+            inventory,
+            notes,
+            key,
+        }))
+    }
+
+    /// Build a snapshot from the stores; `None` when the inputs are those of the last one.
+    async fn compile(&mut self) -> Result<Option<Snapshot>> {
+        let policies_key = self.refresh_policies();
+        let inventory_key = self.inventory().await?.key;
+        let key = fingerprint(&[policies_key.to_string(), inventory_key.to_string()]);
         if self.last_inputs == Some(key) {
             return Ok(None);
         }
+        let built = self.inventory.as_ref().context("inventory just built")?;
+        let (inventory, notes) = (built.inventory.clone(), built.notes.clone());
         self.last_inputs = Some(key);
         let policies = self.cache.policy_set();
         let mut problems: Vec<String> =
@@ -448,6 +576,8 @@ impl Loop {
 /// Start watching through `client`; returns once the first snapshot is compiled.
 pub async fn start(client: Client, opts: Options) -> Result<Running> {
     let notify = Arc::new(Notify::new());
+    // Pods, Namespaces and identities: the inventory is rebuilt only when one of them changed.
+    let inventory_changes = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     let mut policies = Vec::new();
     let mut not_served = Vec::new();
@@ -472,6 +602,7 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
         (),
         "Pods".into(),
         notify.clone(),
+        inventory_changes.clone(),
         objects::strip_pod,
     );
     tasks.push(t);
@@ -480,6 +611,7 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
         (),
         "Namespaces".into(),
         notify.clone(),
+        inventory_changes.clone(),
         objects::strip_namespace,
     );
     tasks.push(t);
@@ -508,6 +640,7 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
                 (),
                 "TollgateIdentities".into(),
                 notify.clone(),
+                inventory_changes.clone(),
                 |o: &mut TollgateIdentity| o.metadata.managed_fields = None,
             );
             tasks.push(t);
@@ -534,6 +667,8 @@ pub async fn start(client: Client, opts: Options) -> Result<Running> {
         revision: 0,
         last_inputs: None,
         cache: objects::PolicyCache::default(),
+        inventory_changes,
+        inventory: None,
         write_errors: write_errors.clone(),
     };
     let first = lp.compile().await?.context("first compile")?;
@@ -613,6 +748,7 @@ impl Loop {
                     let e = e.context(format!("keeping revision {}", current.revision));
                     self.note_error(&e);
                     self.last_inputs = None;
+                    self.inventory = None;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     notify.notify_one();
                 }
