@@ -297,10 +297,19 @@ fn tollgate_up_enforces_the_kubernetes_source_on_this_nodes_pods() {
     fake.remove("Pod", "prod", "remote-client");
     until(0, || curl_quick(&t.other.netns, &url("/allowed.txt")));
     let pod_removed = t0.elapsed();
+    let logged = wait_for_log(&log, "0 ipcache written, 1 removed");
+    let applied = logged
+        .lines()
+        .find(|l| l.contains("0 ipcache written, 1 removed"))
+        .unwrap();
+    assert!(
+        applied.contains("0 endpoints written, 0 removed"),
+        "another node's pod going away renumbers none of this node's endpoints: {applied}"
+    );
 
     let logged = std::fs::read_to_string(&log).unwrap();
     eprintln!(
-        "Kubernetes change to enforcement (debounce 100 ms; L3 includes one 100 ms connect \
+        "Kubernetes change to enforcement (after the source's debounce; L3 includes one 100 ms connect \
          timeout): CNP L7 change {cnp_change:?}; new local pod, interface appearing to \
          enforced {pod_added:?} (retry every 200 ms); remote pod deleted to dropped \
          {pod_removed:?}\n{logged}"

@@ -419,10 +419,9 @@ pub fn compile_local(
         }
     }
 
-    for (n, ep) in inv.endpoints.iter().enumerate() {
-        if !local(ep) {
-            continue;
-        }
+    // Endpoint ids number the local endpoints only (1, 2, … in inventory order), so that pods
+    // coming and going on other nodes do not renumber this node's (and rewrite their entries).
+    for (n, ep) in inv.endpoints.iter().filter(|ep| local(ep)).enumerate() {
         let endpoint_id = n as u32 + 1;
         let named = named_of(ep);
         let local = Local {
@@ -795,12 +794,17 @@ spec:
         assert_eq!(here.ipcache, full.ipcache, "every pod is a known peer");
         let fe = here.endpoints[0].info.endpoint_id;
         assert!(here.policy.iter().all(|e| e.key.endpoint_id == fe));
+        // The frontend is the first endpoint either way: the same id, the same entries.
+        assert_eq!(full.endpoints[0].name, "frontend");
         let full_fe: Vec<_> = full
             .policy
             .iter()
             .filter(|e| e.key.endpoint_id == fe)
             .collect();
         assert_eq!(here.policy.iter().collect::<Vec<_>>(), full_fe);
+        // Only local endpoints are numbered: the api alone here is endpoint 1.
+        let api_here = compile_local(&eval, &inv, PORTS, &[], &|ep| ep.spec.name == "api");
+        assert_eq!(api_here.endpoints[0].info.endpoint_id, 1);
         // The api's ingress L7 port is still redirected at the (local) frontend.
         let api = inv.by_name("api").unwrap().identity;
         assert_eq!(
