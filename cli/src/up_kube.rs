@@ -5,7 +5,9 @@
 //! endpoints the datapath attaches to, each on the interface the kernel's route to its IP leads
 //! to (`tollgate_agent::kubernetes::node`), and every pod is a known peer. A local pod whose
 //! interface is not found is reported with the reason and looked for again on every snapshot
-//! and, while there is one, every `--poll-ms`.
+//! and, while there is one, every `--poll-ms`; every `--poll-ms` the attached interfaces are
+//! checked to be the same interfaces still (a pod recreated under its name gets a new veth of
+//! the old name, which is attached again).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tollgate_agent::kubernetes::node::{self, NodeView};
 use tollgate_agent::kubernetes::source::{Running, Snapshot};
+use tollgate_agent::route;
 use tollgate_proxy::PolicyState;
 
 use crate::up::{Input, Loaded, Next, UpArgs};
@@ -25,6 +28,10 @@ pub(crate) struct Kube {
     /// What the last revision attached and could not: a retry that finds the same is no
     /// change.
     last: (Vec<(String, String)>, Vec<String>),
+    /// The index of each interface the last revision attached to: a name that comes back on
+    /// a new interface (a pod deleted and created again under its name, between two
+    /// snapshots) is attached again.
+    last_ifindex: Vec<(String, Option<u32>)>,
     /// Problems already printed (each is printed once while it lasts).
     printed: BTreeSet<String>,
     retry: Duration,
@@ -52,6 +59,7 @@ impl Kube {
             node,
             current: current.clone(),
             last: Default::default(),
+            last_ifindex: Vec::new(),
             printed: BTreeSet::new(),
             retry: Duration::from_millis(args.poll_ms.max(10)),
             publish: args.rule_socket.is_some(),
@@ -83,6 +91,11 @@ impl Kube {
                 )
             })
             .collect();
+        self.last_ifindex = view
+            .attached
+            .iter()
+            .map(|(_, i)| (i.clone(), route::ifindex(i)))
+            .collect();
         self.last = (view.attached, view.not_enforced);
         Loaded {
             state: PolicyState::new(snap.policies.clone(), view.inventory, 0),
@@ -104,7 +117,6 @@ impl Input for Kube {
 
     async fn next(&mut self) -> Result<Next> {
         loop {
-            let retrying = !self.last.1.is_empty();
             tokio::select! {
                 changed = self.running.snapshots.changed() => {
                     if changed.is_err() {
@@ -116,11 +128,20 @@ impl Input for Kube {
                     let view = self.view(&snap);
                     return Ok(Next::Apply(Box::new(self.load(&snap, view, since))));
                 }
-                _ = tokio::time::sleep(self.retry), if retrying => {
+                _ = tokio::time::sleep(self.retry) => {
+                    let renewed = self
+                        .last_ifindex
+                        .iter()
+                        .any(|(i, idx)| route::ifindex(i) != *idx);
+                    if !renewed && self.last.1.is_empty() {
+                        continue;
+                    }
                     let since = Instant::now();
                     let snap = self.current.clone();
                     let view = self.view(&snap);
-                    if (&view.attached, &view.not_enforced) != (&self.last.0, &self.last.1) {
+                    if renewed
+                        || (&view.attached, &view.not_enforced) != (&self.last.0, &self.last.1)
+                    {
                         return Ok(Next::Apply(Box::new(self.load(&snap, view, since))));
                     }
                 }

@@ -291,6 +291,14 @@ fn tollgate_up_enforces_the_kubernetes_source_on_this_nodes_pods() {
         context()
     );
 
+    // The newcomer's "pod" is deleted and created again under its name (the CNI gives the new
+    // veth the old name): no API change, but a new interface, which is attached again.
+    drop(newcomer);
+    let recreated = Instant::now();
+    let newcomer = ExtraPod::new(&t, "n", 4);
+    until(403, || curl_quick(&newcomer.netns, &url("/other.txt")));
+    let reattached = recreated.elapsed();
+
     // Change 3: the other node's pod goes away: its IP is the world now, which the server's
     // ingress drops (L3).
     let t0 = Instant::now();
@@ -311,12 +319,13 @@ fn tollgate_up_enforces_the_kubernetes_source_on_this_nodes_pods() {
     eprintln!(
         "Kubernetes change to enforcement (after the source's debounce; L3 includes one 100 ms connect \
          timeout): CNP L7 change {cnp_change:?}; new local pod, interface appearing to \
-         enforced {pod_added:?} (retry every 200 ms); remote pod deleted to dropped \
-         {pod_removed:?}\n{logged}"
+         enforced {pod_added:?} (retry every 200 ms); its veth recreated under the same name to \
+         enforced again {reattached:?}; remote pod deleted to dropped {pod_removed:?}\n{logged}"
     );
     for (what, took) in [
         ("CNP change", cnp_change),
         ("new pod", pod_added),
+        ("recreated veth", reattached),
         ("pod deleted", pod_removed),
     ] {
         assert!(took < Duration::from_secs(5), "{what}: {took:?}");

@@ -119,9 +119,20 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
             }
         };
         present.insert(ifname.to_string());
-        if old_eps.get(ifname) != Some(&ep.info) {
+        // An interface the old plan had, but not the one it attached to: the name came back
+        // on a new interface (a pod deleted and created again under its name, whose veth name
+        // the CNI derives from it). Its links are stale: attach afresh.
+        let renewed = old_eps.contains_key(ifname)
+            && match ifindex(ifname) {
+                Some(idx) => dp.endpoint(idx)?.is_none(),
+                None => false,
+            };
+        if renewed {
+            dp.detach(ifname)?;
+        }
+        if old_eps.get(ifname) != Some(&ep.info) || renewed {
             dp.upsert_endpoint(ifname, ep.info)?;
-            if !old_eps.contains_key(ifname) {
+            if !old_eps.contains_key(ifname) || renewed {
                 dp.attach(ifname)?;
             }
             out.endpoints_written += 1;
