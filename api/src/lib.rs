@@ -1,7 +1,9 @@
 //! The gRPC services between tollgate's processes on one node (`proto/tollgate.proto`): the
 //! agent streams versioned rule sets to the proxy and gets an ACK/NACK per rule set back
-//! (`RuleSets`), and the proxy streams audit records to `tollgate observe` (`Observe`). Both
-//! run over Unix sockets — node-local, guarded by file permissions, no ports to collide.
+//! (`RuleSets`), the proxy reports the IPs its DNS listeners learned to the agent, which
+//! answers once they are in the kernel (`Fqdn`), and the proxy streams audit records to
+//! `tollgate observe` (`Observe`). All run over Unix sockets — node-local, guarded by file
+//! permissions, no ports to collide.
 //!
 //! The types are defined here once; the proxy and the agent implement the services.
 

@@ -21,6 +21,7 @@ use std::sync::Mutex;
 
 use tollgate_agent::apply::{Updated, apply, update};
 use tollgate_agent::kubernetes::node::attached_here;
+use tollgate_agent::learned::{Change, LOCAL, LearnedBook, LearnedServer, LearnedSink};
 use tollgate_agent::metrics::{AgentMetrics, Applied};
 use tollgate_agent::plan::{FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile_local};
 use tollgate_agent::rulesets::RuleSetServer;
@@ -80,13 +81,15 @@ pub struct UpArgs {
     pub poll_ms: u64,
     /// Serve the policy as versioned rule sets to proxies on this Unix socket
     /// (`tollgate proxy --agent SOCK`): one per policy file, or per Kubernetes policy object
-    /// (`Kind ns/name`), and the inventory.
+    /// (`Kind ns/name`), and the inventory; and take the IPs they learn from DNS answers into
+    /// the kernel (toFQDNs).
     #[arg(long)]
     pub rule_socket: Option<PathBuf>,
     /// Run no proxy in this process: a separate `tollgate proxy --agent SOCK --transparent
     /// 127.0.0.1:L7_PORT --dns-transparent 127.0.0.1:DNS_PORT` serves the redirected flows
-    /// (needs `--rule-socket`). While it is not running, redirected flows are dropped.
-    /// toFQDNs IPs learned by a separate proxy do not reach the kernel yet.
+    /// (needs `--rule-socket`). While it is not running, redirected flows are dropped. The IPs
+    /// it learns from DNS answers (toFQDNs) come back on the same socket and are written to the
+    /// kernel before it releases the answer.
     #[arg(long, requires = "rule_socket")]
     pub external_proxy: bool,
 }
@@ -187,9 +190,9 @@ struct Agent {
     dp: Datapath,
     plan: Plan,
     state: Arc<PolicyState>,
-    /// IPs learned from DNS answers and the identity each was given.
-    learned: std::collections::BTreeMap<std::net::IpAddr, u32>,
-    next_fqdn_identity: u32,
+    /// IPs learned from DNS answers (by the in-process proxy and by separate ones) and the
+    /// identity each was given.
+    learned: LearnedBook,
     ports: ProxyPorts,
     /// The node whose endpoints are attached (`None`: all of them).
     node: Option<String>,
@@ -197,16 +200,8 @@ struct Agent {
 
 impl Agent {
     /// Recompile `state` with the learned IPs and write the difference to the kernel.
-    fn converge(&mut self, state: Arc<PolicyState>, fqdn: &FqdnCache) -> Result<Updated> {
-        let learned: Vec<LearnedIp> = self
-            .learned
-            .iter()
-            .map(|(ip, id)| LearnedIp {
-                identity: *id,
-                ip: *ip,
-                names: fqdn.names_of(*ip),
-            })
-            .collect();
+    fn converge(&mut self, state: Arc<PolicyState>) -> Result<Updated> {
+        let learned = self.learned.learned();
         let plan = compile_here(&state, self.ports, &learned, self.node.as_deref());
         for w in &plan.warnings {
             eprintln!("tollgate up: warning: {w}");
@@ -217,34 +212,110 @@ impl Agent {
         Ok(u)
     }
 
-    /// DNS answers changed what names resolve to: give new IPs an identity, drop forgotten
-    /// ones, and converge — before the answer is released to the client.
-    fn learned_changed(&mut self, changes: &[FqdnUpdate], fqdn: &FqdnCache) {
-        for c in changes {
-            match c {
-                FqdnUpdate::Added { ip, .. } => {
-                    if !self.learned.contains_key(ip) {
-                        self.learned.insert(*ip, self.next_fqdn_identity);
-                        self.next_fqdn_identity += 1;
-                    }
-                }
-                FqdnUpdate::Removed { ip, .. } => {
-                    if fqdn.names_of(*ip).is_empty() {
-                        self.learned.remove(ip);
-                    }
-                }
-            }
+    /// DNS answers changed what names resolve to (`source`: [`LOCAL`], or a separate proxy on
+    /// stream `conn`; `full`: its whole cache): give new IPs an identity, drop forgotten ones,
+    /// and converge — before the answer is released to the client (the in-process proxy calls
+    /// this synchronously, a separate one waits for the ack sent after it). The number of
+    /// learned IPs in force.
+    fn learned_changed(
+        &mut self,
+        source: &str,
+        conn: u64,
+        full: bool,
+        changes: &[Change],
+    ) -> Result<usize> {
+        if self
+            .learned
+            .apply(source, conn, full, changes, Instant::now())
+        {
+            self.converge_learned(source)?;
         }
+        Ok(self.learned.len())
+    }
+
+    /// Write the learned IPs to the kernel (they changed because of `why`).
+    fn converge_learned(&mut self, why: &str) -> Result<()> {
         let started = Instant::now();
-        match self.converge(self.state.clone(), fqdn) {
-            Ok(u) => eprintln!(
-                "tollgate up: {} learned IP(s): {} policy entries written, {} removed in {:.1} ms",
-                self.learned.len(),
-                u.policy_written,
-                u.policy_removed,
-                started.elapsed().as_secs_f64() * 1000.0
-            ),
-            Err(e) => eprintln!("tollgate up: applying learned IPs failed: {e:#}"),
+        let u = self
+            .converge(self.state.clone())
+            .context("applying learned IPs")?;
+        eprintln!(
+            "tollgate up: {} learned IP(s): {} policy entries written, {} removed in {:.1} ms \
+             ({why})",
+            self.learned.len(),
+            u.policy_written,
+            u.policy_removed,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(())
+    }
+}
+
+/// A change of the in-process FQDN cache, as the agent's book takes it.
+fn change_of(u: &FqdnUpdate) -> Change {
+    match u {
+        FqdnUpdate::Added { name, ip, ttl_secs } => Change {
+            name: name.clone(),
+            ip: *ip,
+            ttl: Duration::from_secs(*ttl_secs),
+            removed: false,
+        },
+        FqdnUpdate::Removed { name, ip } => Change {
+            name: name.clone(),
+            ip: *ip,
+            ttl: Duration::ZERO,
+            removed: true,
+        },
+    }
+}
+
+/// Separate proxies' learned IPs (the `Fqdn` stream on the rule socket) into the agent.
+struct SharedAgent(Arc<Mutex<Agent>>);
+
+impl LearnedSink for SharedAgent {
+    fn learned(
+        &self,
+        source: &str,
+        conn: u64,
+        full: bool,
+        changes: Vec<Change>,
+    ) -> Result<usize, String> {
+        let mut a = self
+            .0
+            .lock()
+            .map_err(|_| "agent state poisoned".to_string())?;
+        if full {
+            eprintln!(
+                "tollgate up: proxy {source} sent its FQDN cache ({} pair(s))",
+                changes.len()
+            );
+        }
+        a.learned_changed(source, conn, full, &changes)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn closed(&self, source: &str, conn: u64) {
+        if let Ok(mut a) = self.0.lock() {
+            a.learned.closed(source, conn);
+        }
+        eprintln!(
+            "tollgate up: FQDN stream of proxy {source} closed; what it taught stays until its TTL"
+        );
+    }
+}
+
+/// Once a second: drop what closed proxy streams taught once its TTL has run out.
+async fn expire_learned(agent: Arc<Mutex<Agent>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(mut a) = agent.lock() else {
+            return;
+        };
+        if a.learned.expire(Instant::now())
+            && let Err(e) = a.converge_learned("TTL ran out after a proxy left")
+        {
+            eprintln!("tollgate up: {e:#}");
         }
     }
 }
@@ -285,12 +356,8 @@ async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()>
     let mut state = first.state.with_fqdn(fqdn.clone());
     state.revision = revision;
     let state = Arc::new(state);
-    let rule_server = args.rule_socket.as_ref().map(|path| {
-        let server =
-            crate::agent_cmd::log_acks(RuleSetServer::new(first.rule_sets.clone()), "tollgate up");
-        eprintln!("tollgate up: rule sets for proxies on {}", path.display());
-        tokio::spawn(server.clone().serve_unix(path.clone()));
-        server
+    let rule_server = args.rule_socket.as_ref().map(|_| {
+        crate::agent_cmd::log_acks(RuleSetServer::new(first.rule_sets.clone()), "tollgate up")
     });
     let ports = ProxyPorts {
         l7: args.l7_port,
@@ -326,19 +393,29 @@ async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()>
         dp,
         plan,
         state,
-        learned: Default::default(),
-        next_fqdn_identity: FIRST_FQDN_IDENTITY,
+        learned: LearnedBook::new(FIRST_FQDN_IDENTITY),
         ports,
         node,
     }));
     {
         let agent = agent.clone();
-        let cache = Arc::downgrade(&fqdn);
         fqdn.set_observer(Arc::new(move |changes: &[FqdnUpdate]| {
-            if let (Some(cache), Ok(mut a)) = (cache.upgrade(), agent.lock()) {
-                a.learned_changed(changes, &cache);
+            let changes: Vec<Change> = changes.iter().map(change_of).collect();
+            if let Ok(mut a) = agent.lock()
+                && let Err(e) = a.learned_changed(LOCAL, 0, false, &changes)
+            {
+                eprintln!("tollgate up: {e:#}");
             }
         }));
+    }
+    if let (Some(server), Some(path)) = (&rule_server, &args.rule_socket) {
+        eprintln!(
+            "tollgate up: rule sets for proxies, and the IPs they learn, on {}",
+            path.display()
+        );
+        let learned = LearnedServer::new(SharedAgent(agent.clone()));
+        tokio::spawn(server.clone().serve_unix_with(path.clone(), Some(learned)));
+        tokio::spawn(expire_learned(agent.clone()));
     }
     let sink = AuditSink::start(
         Output::parse_rotating(&args.audit_log, args.audit_max_bytes, args.audit_keep)?,
@@ -391,7 +468,7 @@ async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()>
             let mut a = agent
                 .lock()
                 .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-            let u = a.converge(state.clone(), &fqdn)?;
+            let u = a.converge(state.clone())?;
             (
                 u,
                 applied_metrics(&state, &a.plan, revision + 1, 0, 0, started.elapsed()),

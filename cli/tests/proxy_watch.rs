@@ -1,5 +1,7 @@
 //! `tollgate proxy --watch-ms`: a policy file changed under a running proxy takes effect for
 //! the next query, without a restart (real dnsmasq upstream, real dig client, loopback only).
+//! The fallback check runs every 10 minutes here, so only inotify can apply the changes within
+//! the test's bounds (and the time it took is printed).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ fn a_changed_policy_file_applies_to_the_next_query() {
     let log = dir.path().join("proxy.log");
     let _proxy = Reaped(
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["proxy", "--watch-ms", "50", "--audit-log", "/dev/null"])
+            .args(["proxy", "--watch-ms", "600000", "--audit-log", "/dev/null"])
             .arg("--policies")
             .arg(&policy)
             .arg("--endpoints")
@@ -56,8 +58,12 @@ fn a_changed_policy_file_applies_to_the_next_query() {
     let t = Instant::now();
     while status(port, "db.example.org") != "NOERROR" {
         assert!(t.elapsed() < Duration::from_secs(5), "change not applied");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
+    eprintln!(
+        "policy file written -> new policy answering: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     // A file that does not parse keeps the last good policy.
     std::fs::write(&policy, "apiVersion: cilium.io/v2\nkind: [\n").unwrap();
     let t = Instant::now();

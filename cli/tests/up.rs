@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::{Reaped, write_atomic};
 use harness::{Topology, require_root};
-use kernel::{WebServer, curl, curl_quick, http_server, start_proxy, until, wait_for_log};
+use kernel::{
+    WebServer, curl, curl_quick, http_server, http_server_at, start_proxy, start_proxy_with, until,
+    wait_for_log,
+};
 
 mod common;
 
@@ -169,40 +172,107 @@ fn tofqdns_allows_an_address_as_soon_as_its_name_is_resolved_through_the_proxy()
     let outside = t.other.v4.to_string();
     let _http = http_server(&t.other, &[("index.html", "outside\n")]);
     let resolver = t.server.v4.to_string();
-    let _dnsmasq = Reaped(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.server.netns,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "-C",
-                "/dev/null",
-                "--port=53",
-                "--bind-interfaces",
-                "--no-resolv",
-            ])
-            .args([
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                "--local-ttl=300",
-            ])
-            .arg(format!("--listen-address={resolver}"))
-            .arg(format!("--host-record=api.example.com,{outside}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _dnsmasq = resolver_in(&t.server, &[("api.example.com", &outside)], 300);
     let url = format!("http://{outside}:8080/index.html");
     until(200, || curl(&t.client.netns, &url));
 
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
+    let (policies, inventory) = fqdn_policy(&t, dir.path());
+    let log = dir.path().join("up.log");
+    let _up = start_up(
+        &t,
+        &policies,
+        &inventory,
+        &log,
+        &dir.path().join("audit.jsonl"),
+    );
+    wait_for_log(&log, "revision 1:");
+
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        0,
+        "the address is the world until a DNS answer names it"
+    );
+    assert_eq!(dig(&t.client.netns, &resolver, "api.example.com"), outside);
+    // The very first connection after the answer, with no time for a SYN retry (100 ms
+    // connect timeout): the kernel entry was written before the answer was released.
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        200,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(
+        curl_quick(&t.client.netns, &format!("http://{outside}:8081/")),
+        0,
+        "toFQDNs opened port 8080 only"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("1 learned IP(s)"), "{logged}");
+}
+
+/// dnsmasq on port 53 of `host`'s IPv4 address, answering `records` (name, address) with TTL
+/// `ttl` and nothing else.
+fn resolver_in(host: &harness::Host, records: &[(&str, &str)], ttl: u32) -> Reaped {
+    Reaped(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.netns,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args(["-C", "/dev/null", "--port=53", "--bind-interfaces"])
+            .args(["--no-resolv", "--no-hosts", "--user=root", "--pid-file="])
+            .arg(format!("--local-ttl={ttl}"))
+            .arg(format!("--listen-address={}", host.v4))
+            .args(
+                records
+                    .iter()
+                    .map(|(name, addr)| format!("--host-record={name},{addr}")),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `dig +short` from `netns` asking `resolver` (2 s, one try): the answer's lines.
+fn dig(netns: &str, resolver: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", netns, "dig", "+short", "+tries=1", "+time=2",
+        ])
+        .arg(format!("@{resolver}"))
+        .arg(name)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The rcode `dig` from `netns` got for `name` (type `qtype`) from `resolver` (`NO-ANSWER`
+/// when nothing came back in 2 s).
+fn dig_rcode(netns: &str, resolver: &str, name: &str, qtype: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "dig", "+tries=1", "+time=2"])
+        .args(["+noall", "+comments", &format!("@{resolver}"), name, qtype])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("NO-ANSWER")
+        .to_string()
+}
+
+/// In `dir`: a policy directory where the client may ask the resolver (`server`) about
+/// `*.example.com` and reach `api.example.com` on port 8080 (toFQDNs), and the inventory of
+/// client and resolver. (policies dir, inventory file).
+fn fqdn_policy(t: &Topology, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let policies = dir.join("policies");
     std::fs::create_dir(&policies).unwrap();
     std::fs::write(
         policies.join("client.yaml"),
@@ -223,7 +293,7 @@ spec:
 "#,
     )
     .unwrap();
-    let inventory = dir.path().join("endpoints.yaml");
+    let inventory = dir.join("endpoints.yaml");
     std::fs::write(
         &inventory,
         format!(
@@ -232,51 +302,7 @@ spec:
         ),
     )
     .unwrap();
-    let log = dir.path().join("up.log");
-    let _up = start_up(
-        &t,
-        &policies,
-        &inventory,
-        &log,
-        &dir.path().join("audit.jsonl"),
-    );
-    wait_for_log(&log, "revision 1:");
-
-    assert_eq!(
-        curl_quick(&t.client.netns, &url),
-        0,
-        "the address is the world until a DNS answer names it"
-    );
-    let dig = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.client.netns,
-            "dig",
-            "+short",
-            "+tries=1",
-            "+time=2",
-        ])
-        .arg(format!("@{resolver}"))
-        .arg("api.example.com")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), outside);
-    // The very first connection after the answer, with no time for a SYN retry (100 ms
-    // connect timeout): the kernel entry was written before the answer was released.
-    assert_eq!(
-        curl_quick(&t.client.netns, &url),
-        200,
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
-    assert_eq!(
-        curl_quick(&t.client.netns, &format!("http://{outside}:8081/")),
-        0,
-        "toFQDNs opened port 8080 only"
-    );
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("1 learned IP(s)"), "{logged}");
+    (policies, inventory)
 }
 
 /// `tollgate up` in the node namespace (nsenter switches only the network namespace: `ip
@@ -531,5 +557,167 @@ fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_whil
          {change:?}; {} requests during the agent restart, all 200; proxy restart to enforcing \
          {resumed:?}",
         codes.len()
+    );
+}
+
+/// The value of the first series of `metrics` that starts with `series` (0 when absent).
+fn metric(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn fqdn_ips_learned_by_a_separate_proxy_are_in_the_kernel_before_the_answer_is_released() {
+    if !require_root(
+        "fqdn_ips_learned_by_a_separate_proxy_are_in_the_kernel_before_the_answer_is_released",
+    ) {
+        return;
+    }
+    let t = Topology::new();
+    // `other` plays a host outside the cluster (the world): the allowed name resolves to its
+    // IPv4 address, a name the policy does not allow to its IPv6 one.
+    let outside = t.other.v4.to_string();
+    let not_allowed = t.other.v6.to_string();
+    let _http = http_server_at(&t.other, "::", &[("index.html", "outside\n")]);
+    let resolver = t.server.v4.to_string();
+    // TTL 6 s: long enough for the steps up to the agent restart, short enough to see the
+    // agent drop what a proxy that went away taught.
+    let _dnsmasq = resolver_in(
+        &t.server,
+        &[
+            ("api.example.com", &outside),
+            ("blocked.example.org", &not_allowed),
+        ],
+        6,
+    );
+    let url = format!("http://{outside}:8080/index.html");
+    let blocked_url = format!("http://[{not_allowed}]:8080/index.html");
+    until(200, || curl(&t.client.netns, &url));
+    until(200, || curl(&t.client.netns, &blocked_url));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (policies, inventory) = fqdn_policy(&t, dir.path());
+    let socket = dir.path().join("rules.sock");
+    let audit = dir.path().join("audit.jsonl");
+    let up_args = [
+        std::ffi::OsStr::new("--external-proxy"),
+        std::ffi::OsStr::new("--rule-socket"),
+        socket.as_os_str(),
+    ];
+    let log1 = dir.path().join("up1.log");
+    let up = start_up_with(&t, &policies, &inventory, &log1, &audit, &up_args);
+    wait_for_log(&log1, "revision 1:");
+    let plog = dir.path().join("proxy.log");
+    let proxy = start_proxy_with(
+        &t,
+        &socket,
+        &plog,
+        &audit,
+        &["--metrics", "127.0.0.1:19465"],
+    );
+    wait_for_log(&plog, "transparent DNS listener on");
+    wait_for_log(&plog, "FQDN stream to the agent open");
+    let scrape = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &t.node, "curl", "-s", "--max-time", "2"])
+            .arg("http://127.0.0.1:19465/metrics")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let logs = || {
+        format!(
+            "agent:\n{}\nproxy:\n{}",
+            std::fs::read_to_string(&log1).unwrap_or_default(),
+            std::fs::read_to_string(&plog).unwrap_or_default()
+        )
+    };
+
+    assert_eq!(
+        curl_quick(&t.client.netns, &url),
+        0,
+        "the address is the world until a DNS answer names it"
+    );
+    let asked = Instant::now();
+    assert_eq!(dig(&t.client.netns, &resolver, "api.example.com"), outside);
+    let held_dig = asked.elapsed();
+    // The very first connection after the answer, with no time for a SYN retry (100 ms
+    // connect timeout): the separate proxy held the answer until the agent had written the
+    // kernel entries.
+    assert_eq!(curl_quick(&t.client.netns, &url), 200, "{}", logs());
+    assert_eq!(
+        curl_quick(&t.client.netns, &format!("http://{outside}:8081/")),
+        0,
+        "toFQDNs opened port 8080 only"
+    );
+    // The same answer again teaches nothing new: it is not held.
+    let asked = Instant::now();
+    assert_eq!(dig(&t.client.netns, &resolver, "api.example.com"), outside);
+    let known_dig = asked.elapsed();
+    // A name the policy does not allow: refused by the proxy, its address stays the world.
+    assert_eq!(
+        dig_rcode(&t.client.netns, &resolver, "blocked.example.org", "AAAA"),
+        "REFUSED"
+    );
+    assert_eq!(curl_quick(&t.client.netns, &blocked_url), 0, "{}", logs());
+    let m = scrape();
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_proxy_fqdn_answers_total{outcome=\"confirmed\"}"
+        ),
+        1.0,
+        "one answer held and confirmed:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "tollgate_proxy_fqdn_answers_total{outcome=\"timeout\"}")
+            + metric(
+                &m,
+                "tollgate_proxy_fqdn_answers_total{outcome=\"agent_away\"}"
+            ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "tollgate_proxy_fqdn_hold_seconds_count"),
+        1.0,
+        "{m}"
+    );
+    let held = metric(&m, "tollgate_proxy_fqdn_hold_seconds_sum");
+    let agent_log = wait_for_log(&log1, "1 learned IP(s)");
+    assert!(
+        agent_log.contains("sent its FQDN cache (0 pair(s))"),
+        "{agent_log}"
+    );
+
+    // The agent restarts: the kernel programs and maps stay, but the new agent starts from the
+    // policy alone; the proxy re-sends its cache on reconnect and the learned IP is allowed
+    // again without another lookup.
+    drop(up);
+    let log2 = dir.path().join("up2.log");
+    let restarted = Instant::now();
+    let _up = start_up_with(&t, &policies, &inventory, &log2, &audit, &up_args);
+    wait_for_log(&log2, "sent its FQDN cache (1 pair(s))");
+    wait_for_log(&log2, "1 learned IP(s)");
+    let rebuilt = restarted.elapsed();
+    assert_eq!(curl_quick(&t.client.netns, &url), 200, "{}", logs());
+    assert_eq!(curl_quick(&t.client.netns, &blocked_url), 0);
+
+    // The proxy goes away: what it taught stays in the kernel (a flow to the learned IP does
+    // not need the proxy) until the TTL it reported runs out, then it is dropped.
+    drop(proxy);
+    wait_for_log(&log2, "closed; what it taught stays until its TTL");
+    assert_eq!(curl_quick(&t.client.netns, &url), 200, "{}", logs());
+    let gone = until(0, || curl_quick(&t.client.netns, &url));
+    let logged = wait_for_log(&log2, "TTL ran out after a proxy left");
+    assert!(logged.contains("0 learned IP(s)"), "{logged}");
+    eprintln!(
+        "separate proxy, toFQDNs: the held answer waited {:.1} ms for the agent (dig {held_dig:?} \
+         held vs {known_dig:?} not held); agent restart to the learned IP allowed again \
+         {rebuilt:?}; after the proxy left, dropped at its TTL {gone:?} later",
+        held * 1000.0
     );
 }

@@ -10,13 +10,15 @@
 //!   node enforces (its pods, their interfaces from the kernel's routes: [`route`]) and the
 //!   rule sets a proxy is served.
 //! * [`rulesets`] serves versioned rule sets to proxies (`tollgate_api::v1::RuleSets`) and
-//!   keeps each proxy's ACK/NACK.
+//!   keeps each proxy's ACK/NACK; [`learned`] keeps the IPs proxies learned from DNS answers
+//!   (`toFQDNs`), by proxy, and serves the stream they report them on (`tollgate_api::v1::Fqdn`).
 //! * [`metrics`]: the agent's Prometheus metrics.
 //! * [`crd`] generates the CRDs (`TollgatePolicy` from the policy types, `TollgateIdentity`).
 
 pub mod apply;
 pub mod crd;
 pub mod kubernetes;
+pub mod learned;
 pub mod metrics;
 pub mod plan;
 pub mod route;

@@ -111,9 +111,20 @@ impl RuleSetServer {
 
     /// Serve on the Unix socket `path` until the process ends.
     pub async fn serve_unix(self, path: PathBuf) -> Result<()> {
+        self.serve_unix_with(path, None).await
+    }
+
+    /// [`RuleSetServer::serve_unix`], and with `learned` the `Fqdn` stream on the same socket
+    /// (an agent that writes the kernel; without it proxies are answered UNIMPLEMENTED).
+    pub async fn serve_unix_with(
+        self,
+        path: PathBuf,
+        learned: Option<crate::learned::LearnedServer>,
+    ) -> Result<()> {
         let listener = tollgate_api::bind_unix(&path)?;
         tonic::transport::Server::builder()
             .add_service(rule_sets_server::RuleSetsServer::new(self))
+            .add_optional_service(learned.map(crate::learned::LearnedServer::service))
             .serve_with_incoming(tollgate_api::incoming(listener))
             .await
             .context("rule-set server")

@@ -13,7 +13,10 @@
 //! * large answers timing out → answers bigger than the client's EDNS buffer (512 without
 //!   EDNS) come back truncated (TC bit), the client retries over TCP, and TCP goes upstream over
 //!   TCP;
-//! * an agent restart taking DNS down → the proxy decides alone from the last policy it has.
+//! * an agent restart taking DNS down → the proxy decides alone from the last policy it has;
+//! * answers held for the agent stalling all DNS → only an answer that teaches IPs the agent
+//!   does not have yet waits (`--agent` mode, `fqdn_link.rs`), in a task of its own and at most
+//!   `--fqdn-max-hold-ms`; every other answer goes out as soon as it arrives.
 //!
 //! Nothing is dropped silently: malformed queries get `FORMERR`, load beyond
 //! `--dns-max-in-flight` gets `SERVFAIL`, and each of these, timeouts and upstream errors are
@@ -36,6 +39,7 @@ use tollgate_policy::model::{Direction, Protocol};
 use tollgate_policy::peer::Remote;
 
 use crate::audit::{self, AuditSink, DnsFields, Record};
+use crate::fqdn::Release;
 use crate::metrics::Metrics;
 use crate::sockets;
 use crate::state::{PolicyHandle, PolicyState};
@@ -52,6 +56,12 @@ const SWEEP_EVERY: Duration = Duration::from_millis(50);
 /// Clients whose endpoint and port policies a listener remembers.
 const MAX_CACHED_SOURCES: usize = 65_536;
 
+/// [`DnsOptions::fqdn_max_hold`] unless configured: Cilium's
+/// `--tofqdns-proxy-response-max-delay`. Long enough for the agent's usual work on a learned IP
+/// (a recompile and a few map writes: milliseconds), short against resolver timeouts (1–5 s):
+/// a slow agent costs a first connection, never the lookup.
+pub const DEFAULT_FQDN_MAX_HOLD: Duration = Duration::from_millis(100);
+
 /// Tunables of the DNS listeners.
 #[derive(Debug, Clone)]
 pub struct DnsOptions {
@@ -64,6 +74,9 @@ pub struct DnsOptions {
     pub max_in_flight: usize,
     /// Mark of the upstream sockets ([`crate::upstream`]).
     pub upstream_mark: Option<u32>,
+    /// Longest an answer that teaches new IPs waits for the agent to have them in the kernel
+    /// (`--agent` mode; see `fqdn_link.rs`).
+    pub fqdn_max_hold: Duration,
 }
 
 impl Default for DnsOptions {
@@ -75,6 +88,7 @@ impl Default for DnsOptions {
             upstream_tcp_connections: 2,
             max_in_flight: 10_000,
             upstream_mark: None,
+            fqdn_max_hold: DEFAULT_FQDN_MAX_HOLD,
         }
     }
 }
@@ -395,8 +409,21 @@ async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
                 ctx.metrics.event(PROTOCOL, "upstream_late_or_stray_answer");
                 continue;
             };
-            let reply = ctx.finish(&e.query, &e.q, answer.to_vec(), Transport::Udp);
-            ctx.udp_done_later(e, reply, &mut replies);
+            let (reply, release) = ctx.finish(&e.query, &e.q, answer.to_vec(), Transport::Udp);
+            match release {
+                Release::Now => ctx.udp_done_later(e, reply, &mut replies),
+                // It taught IPs the agent does not have yet: it waits in a task of its own,
+                // the other answers of this batch and the next ones go on.
+                Release::Hold(ticket) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        ticket
+                            .wait(ctx.opts.fqdn_max_hold, &e.q.question.name)
+                            .await;
+                        ctx.udp_done(e, reply).await;
+                    });
+                }
+            }
         }
         ctx.flush_replies(&mut replies).await;
     }
@@ -1258,7 +1285,13 @@ impl Ctx {
             dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode)
         } else {
             match self.tcp_up.exchange(&msg, self.opts.upstream_timeout).await {
-                Ok(answer) => self.finish(&msg, &q, answer, Transport::Tcp),
+                Ok(answer) => {
+                    let (reply, release) = self.finish(&msg, &q, answer, Transport::Tcp);
+                    if let Release::Hold(ticket) = release {
+                        ticket.wait(self.opts.fqdn_max_hold, &q.question.name).await;
+                    }
+                    reply
+                }
                 Err(e) => {
                     self.metrics.event(
                         PROTOCOL,
@@ -1290,19 +1323,27 @@ impl Ctx {
     }
 
     /// The upstream's answer to `q`, checked, learned and sized for the client, with the
-    /// client's ID.
-    fn finish(&self, msg: &[u8], q: &Query, mut answer: Vec<u8>, transport: Transport) -> Vec<u8> {
+    /// client's ID; and when it may be sent ([`Release::Hold`]: once the agent has its IPs).
+    fn finish(
+        &self,
+        msg: &[u8],
+        q: &Query,
+        mut answer: Vec<u8>,
+        transport: Transport,
+    ) -> (Vec<u8>, Release) {
         dns::set_message_id(&mut answer, q.header.id);
+        let mut release = Release::Now;
         match dns::parse_response(&answer) {
             Ok(r) => {
                 if r.question.as_ref() != Some(&q.question) && r.header.qdcount != 0 {
                     // Not an answer to what was asked: never forward (or learn) it.
                     self.metrics.event(PROTOCOL, "upstream_answer_mismatch");
-                    return dns::reply_with_rcode(msg, q, rcode::SERVFAIL);
+                    return (dns::reply_with_rcode(msg, q, rcode::SERVFAIL), Release::Now);
                 }
                 // Learn before the client sees the answer: its first connection must match.
                 if let Some(l) = r.learned() {
-                    self.policy
+                    release = self
+                        .policy
                         .load()
                         .fqdn
                         .learn(&l.name, &l.ips, l.ttl, Instant::now());
@@ -1315,9 +1356,9 @@ impl Ctx {
             self.metrics.event(PROTOCOL, "truncated_for_client");
             let mut tc = dns::reply_with_rcode(msg, q, rcode::NOERROR);
             tc[2] |= 0x02;
-            return tc;
+            return (tc, release);
         }
-        answer
+        (answer, release)
     }
 
     #[allow(clippy::too_many_arguments, reason = "all of it is the record")]

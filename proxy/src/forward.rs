@@ -637,7 +637,8 @@ async fn forward(
         parts.headers.remove(*h);
     }
     // HTTP/2 CONNECT keeps the shared client (an authority-form request, tunnelled after it).
-    let dedicated = !grpc && !(connect && parts.version == Version::HTTP_2);
+    let h2_connect = connect && parts.version == Version::HTTP_2;
+    let dedicated = !grpc && !h2_connect;
     let target = if dedicated {
         path.to_string()
     } else {

@@ -12,9 +12,13 @@
 //! * TTL expiry must not cut a live connection (users' most common toFQDNs complaint): the
 //!   proxy holds an IP while it has a connection to it ([`FqdnCache::hold`]), and an expired IP
 //!   stays until its last connection closes plus `grace`;
-//! * every change is published on a broadcast stream ([`FqdnCache::subscribe`]) that the agent
-//!   turns into ipcache entries. A subscriber that lags loses updates and is told how many
-//!   (tokio's `Lagged`), never silently.
+//! * every change goes to the agent, which turns it into identities, ipcache and policy
+//!   entries: synchronously for the in-process agent of `tollgate up`
+//!   ([`FqdnCache::set_observer`]), over the `Fqdn` stream for a separate proxy
+//!   ([`FqdnCache::set_link`], `fqdn_link.rs`: the answer is then held until the agent
+//!   confirms, bounded); and on a broadcast stream
+//!   ([`FqdnCache::subscribe`]) whose subscriber is told, never silently, how many it missed
+//!   when it lags (tokio's `Lagged`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +27,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::fqdn_link::FqdnLink;
+pub use crate::fqdn_link::Release;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FqdnConfig {
@@ -73,6 +80,8 @@ struct Learned {
     ip: IpAddr,
     expires: Instant,
     refreshed: Instant,
+    /// The number of the message to the agent that announced it (0: none; see `fqdn_link.rs`).
+    announced: u64,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +114,7 @@ pub struct FqdnCache {
     inner: RwLock<Inner>,
     updates: broadcast::Sender<FqdnUpdate>,
     observer: RwLock<Option<FqdnObserver>>,
+    link: std::sync::OnceLock<Arc<FqdnLink>>,
 }
 
 impl std::fmt::Debug for FqdnCache {
@@ -144,6 +154,7 @@ impl FqdnCache {
             inner: RwLock::new(Inner::default()),
             updates,
             observer: RwLock::new(None),
+            link: std::sync::OnceLock::new(),
         }
     }
 
@@ -151,6 +162,37 @@ impl FqdnCache {
     pub fn set_observer(&self, f: FqdnObserver) {
         if let Ok(mut o) = self.observer.write() {
             *o = Some(f);
+        }
+    }
+
+    /// Send every change to the agent over `link` (a separate proxy), and hold answers that
+    /// teach new IPs until it confirms them (see [`Release`]). Set once.
+    pub fn set_link(&self, link: Arc<FqdnLink>) {
+        let _ = self.link.set(link);
+    }
+
+    /// Under the write lock (so that nothing changes between the two): `f` gets every (name,
+    /// IP) pair as an `Added` change with the TTL left and returns the number of the message
+    /// that carries them, under which every entry is then announced.
+    pub(crate) fn attach(&self, f: impl FnOnce(&[FqdnUpdate]) -> u64) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
+        let now = Instant::now();
+        let all: Vec<FqdnUpdate> = g
+            .by_name
+            .iter()
+            .flat_map(|(name, entries)| {
+                entries.iter().map(move |e| FqdnUpdate::Added {
+                    name: name.clone(),
+                    ip: e.ip,
+                    ttl_secs: e.expires.saturating_duration_since(now).as_secs(),
+                })
+            })
+            .collect();
+        let seq = f(&all);
+        for e in g.by_name.values_mut().flatten() {
+            e.announced = seq;
         }
     }
 
@@ -181,28 +223,34 @@ impl FqdnCache {
         let _ = self.updates.send(u);
     }
 
-    /// Record that `name` resolved to `ips` with `ttl` seconds (already the chain's minimum).
-    pub fn learn(&self, name: &str, ips: &[IpAddr], ttl: u32, now: Instant) {
+    /// Record that `name` resolved to `ips` with `ttl` seconds (already the chain's minimum);
+    /// when the answer may be released.
+    pub fn learn(&self, name: &str, ips: &[IpAddr], ttl: u32, now: Instant) -> Release {
         let ttl = Duration::from_secs(u64::from(ttl)).max(self.cfg.min_ttl);
         let expires = now + ttl;
         let mut added = Vec::new();
         let mut removed = Vec::new();
-        {
+        let mut changes = Vec::new();
+        let release = {
             let Ok(mut g) = self.inner.write() else {
-                return;
+                return Release::Now;
             };
+            // The latest announcement among the answer's IPs the agent may not have yet.
+            let mut need = 0;
             let entries = g.by_name.entry(name.to_string()).or_default();
             for &ip in ips {
                 match entries.iter_mut().find(|e| e.ip == ip) {
                     Some(e) => {
                         e.expires = e.expires.max(expires);
                         e.refreshed = now;
+                        need = need.max(e.announced);
                     }
                     None => {
                         entries.push(Learned {
                             ip,
                             expires,
                             refreshed: now,
+                            announced: 0,
                         });
                         added.push(ip);
                     }
@@ -224,22 +272,41 @@ impl FqdnCache {
             for &ip in &removed {
                 g.unlink(name, ip);
             }
-        }
-        let mut changes = Vec::new();
-        for ip in added.iter().filter(|ip| !removed.contains(ip)) {
-            changes.push(FqdnUpdate::Added {
-                name: name.to_string(),
-                ip: *ip,
-                ttl_secs: ttl.as_secs(),
-            });
-        }
-        for ip in removed.iter().filter(|ip| !added.contains(ip)) {
-            changes.push(FqdnUpdate::Removed {
-                name: name.to_string(),
-                ip: *ip,
-            });
-        }
+            for ip in added.iter().filter(|ip| !removed.contains(ip)) {
+                changes.push(FqdnUpdate::Added {
+                    name: name.to_string(),
+                    ip: *ip,
+                    ttl_secs: ttl.as_secs(),
+                });
+            }
+            for ip in removed.iter().filter(|ip| !added.contains(ip)) {
+                changes.push(FqdnUpdate::Removed {
+                    name: name.to_string(),
+                    ip: *ip,
+                });
+            }
+            match self.link.get() {
+                None => Release::Now,
+                Some(link) => {
+                    // Queued under the lock: the agent sees changes in the order made here.
+                    let seq = (!changes.is_empty()).then(|| link.queue(&changes));
+                    if let Some(Some(seq)) = seq
+                        && let Some(entries) = g.by_name.get_mut(name)
+                    {
+                        for e in entries.iter_mut().filter(|e| added.contains(&e.ip)) {
+                            e.announced = seq;
+                            need = need.max(seq);
+                        }
+                    }
+                    let taught = changes
+                        .iter()
+                        .any(|c| matches!(c, FqdnUpdate::Added { .. }));
+                    link.release(need, taught && seq == Some(None))
+                }
+            }
+        };
         self.notify(changes);
+        release
     }
 
     /// The names `ip` was learned under (expired ones still held by connections included).
@@ -266,7 +333,7 @@ impl FqdnCache {
     /// Returns how many (name, IP) pairs went.
     pub fn expire(&self, now: Instant) -> usize {
         let mut gone = Vec::new();
-        {
+        let changes = {
             let Ok(mut g) = self.inner.write() else {
                 return 0;
             };
@@ -295,13 +362,22 @@ impl FqdnCache {
             let g = &mut *g;
             g.last_closed
                 .retain(|ip, t| *t + grace > now || g.by_ip.contains_key(ip));
-        }
+            let changes: Vec<FqdnUpdate> = gone
+                .iter()
+                .map(|(name, ip)| FqdnUpdate::Removed {
+                    name: name.clone(),
+                    ip: *ip,
+                })
+                .collect();
+            if let Some(link) = self.link.get()
+                && !changes.is_empty()
+            {
+                let _ = link.queue(&changes);
+            }
+            changes
+        };
         let n = gone.len();
-        self.notify(
-            gone.into_iter()
-                .map(|(name, ip)| FqdnUpdate::Removed { name, ip })
-                .collect(),
-        );
+        self.notify(changes);
         n
     }
 

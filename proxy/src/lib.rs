@@ -23,6 +23,7 @@ pub mod dns;
 mod flow;
 mod forward;
 pub mod fqdn;
+pub mod fqdn_link;
 mod framing;
 pub mod kafka;
 pub mod metrics;
@@ -32,6 +33,7 @@ mod sockets;
 pub mod state;
 mod udp_batch;
 pub mod upstream;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,7 +56,9 @@ pub struct ProxyArgs {
     /// Take policy and inventory from the agent's rule-set stream on this Unix socket
     /// (`tollgate agent --rule-socket`, `tollgate up --external-proxy`) instead of files.
     /// Listeners start once the first version is in force; while the agent is away the last
-    /// good version is served.
+    /// good version is served. The IPs learned from DNS answers go back to the agent, which
+    /// writes them to the kernel before the answer is released (`--fqdn-max-hold-ms`; `tollgate
+    /// up` does, `tollgate agent` has no datapath and does not take them).
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Mark for the upstream sockets of transparent listeners, by which the datapath admits
@@ -133,8 +137,8 @@ pub struct ProxyArgs {
     /// Lowest TTL (seconds) a learned FQDN → IP mapping gets.
     #[arg(long, default_value_t = 0)]
     pub fqdn_min_ttl: u64,
-    /// Reload the policy files and the inventory when they change, checking every this many
-    /// milliseconds (0: never).
+    /// Reload the policy files and the inventory when they change (0: never): inotify sees a
+    /// change at once; this period is the fallback check (and frees replaced policies).
     #[arg(long, default_value_t = 0)]
     pub watch_ms: u64,
     /// Most IPs kept per learned name (the least recently refreshed go first).
@@ -143,6 +147,12 @@ pub struct ProxyArgs {
     /// How long (seconds) an expired IP outlives its last proxied connection.
     #[arg(long, default_value_t = 0)]
     pub fqdn_grace: u64,
+    /// With `--agent`: longest a DNS answer that teaches new IPs is held until the agent has
+    /// written them to the kernel (milliseconds; Cilium's tofqdns-proxy-response-max-delay).
+    /// Past it the answer goes out anyway, counted and logged: the client's first connection to
+    /// a new IP may then be dropped (never passed) until the agent catches up.
+    #[arg(long, default_value_t = dns::DEFAULT_FQDN_MAX_HOLD.as_millis() as u64)]
+    pub fqdn_max_hold_ms: u64,
 }
 
 /// Run the proxy until the process is stopped.
@@ -170,6 +180,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         deny_rcode: dns::parse_deny_rcode(&args.dns_deny_rcode)?,
         upstream_timeout: std::time::Duration::from_millis(args.dns_upstream_timeout_ms),
         max_in_flight: args.dns_max_in_flight,
+        fqdn_max_hold: std::time::Duration::from_millis(args.fqdn_max_hold_ms),
         ..dns::DnsOptions::default()
     };
     let fqdn = Arc::new(fqdn::FqdnCache::new(fqdn::FqdnConfig {
@@ -333,8 +344,8 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reload the policy files and the inventory when they change (polling every `--watch-ms`)
-/// and swap the new policy in; a reload that would drop whole files or rules keeps the one in
+/// Reload the policy files and the inventory when they change ([`watch::FileWatch`]: inotify,
+/// plus a check every `--watch-ms`) and swap the new policy in; a reload that would drop whole files or rules keeps the one in
 /// force ([`PolicyState::load_strict`]). Each swap is logged with how long loading took.
 async fn watch(
     policies: Vec<PathBuf>,
@@ -343,12 +354,16 @@ async fn watch(
     handle: PolicyHandle,
     metrics: Arc<metrics::Metrics>,
 ) {
-    let mut seen = state::fingerprint(&policies, &endpoints);
+    let period = std::time::Duration::from_millis(watch_ms);
+    let mut files = watch::FileWatch::new(&policies, &endpoints, period);
     // Replaced policies, freed here once nothing else holds them: freeing thousands of rules
     // is work the threads answering queries should not do.
     let mut retired: Vec<Arc<PolicyState>> = Vec::new();
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(watch_ms)).await;
+        let changed = tokio::select! {
+            _ = files.changed() => true,
+            _ = tokio::time::sleep(period) => false,
+        };
         if retired.iter().any(|s| Arc::strong_count(s) == 1) {
             let (free, keep) = std::mem::take(&mut retired)
                 .into_iter()
@@ -357,11 +372,9 @@ async fn watch(
             let free: Vec<Arc<PolicyState>> = free;
             tokio::task::spawn_blocking(move || drop(free));
         }
-        let now = state::fingerprint(&policies, &endpoints);
-        if now == seen {
+        if !changed {
             continue;
         }
-        seen = now;
         let current = handle.load();
         let started = std::time::Instant::now();
         let (policies, endpoints) = (policies.clone(), endpoints.clone());

@@ -7,6 +7,11 @@
 //! - `tollgate_proxy_events_total{protocol, event}`: what is not a decision but must not pass
 //!   silently (DNS upstream timeouts, malformed queries, shed load, truncated answers);
 //! - `tollgate_request_duration_seconds{protocol}`: arrival-to-answer latency histogram;
+//! - `tollgate_proxy_fqdn_answers_total{outcome}` (`--agent` mode): DNS answers that taught IPs
+//!   the agent did not have yet, by what released them — `confirmed` (the agent wrote them to the
+//!   kernel first), `timeout` (the hold limit passed first), `agent_away` (no FQDN stream to the
+//!   agent), `agent_error` (the agent could not write them); `tollgate_proxy_fqdn_hold_seconds`:
+//!   how long held answers waited;
 //! - `tollgate_policy_revision`: the revision in force;
 //! - `tollgate_audit_queue_depth`: records waiting for the sink;
 //! - `tollgate_audit_records_written` / `tollgate_audit_records_shed`: the audit queue (a shed
@@ -45,6 +50,11 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleSetLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
     outcome: &'static str,
 }
 
@@ -93,6 +103,8 @@ pub struct Metrics {
     agent_version: Gauge,
     agent_connected: Gauge,
     rule_sets: Family<RuleSetLabels, Gauge>,
+    fqdn_answers: Family<OutcomeLabels, Counter>,
+    fqdn_hold: Histogram,
     queued: Gauge,
     written: Gauge,
     shed: Gauge,
@@ -118,6 +130,8 @@ impl Metrics {
         let agent_version = Gauge::default();
         let agent_connected = Gauge::default();
         let rule_sets = Family::<RuleSetLabels, Gauge>::default();
+        let fqdn_answers = Family::<OutcomeLabels, Counter>::default();
+        let fqdn_hold = duration_histogram();
         let queued = Gauge::default();
         let written = Gauge::default();
         let shed = Gauge::default();
@@ -164,6 +178,19 @@ impl Metrics {
             rule_sets.clone(),
         );
         registry.register(
+            "tollgate_proxy_fqdn_answers",
+            "DNS answers that taught IPs the agent did not have yet (--agent mode), by what \
+             released them: confirmed (in the kernel first), timeout (after --fqdn-max-hold-ms), \
+             agent_away (no FQDN stream to the agent), agent_error (the agent could not write \
+             them); all but confirmed: a first connection may be dropped, never passed",
+            fqdn_answers.clone(),
+        );
+        registry.register(
+            "tollgate_proxy_fqdn_hold_seconds",
+            "How long DNS answers that taught new IPs were held for the agent (--agent mode)",
+            fqdn_hold.clone(),
+        );
+        registry.register(
             "tollgate_audit_queue_depth",
             "Audit records waiting for the sink",
             queued.clone(),
@@ -199,6 +226,8 @@ impl Metrics {
             agent_version,
             agent_connected,
             rule_sets,
+            fqdn_answers,
+            fqdn_hold,
             queued,
             written,
             shed,
@@ -309,12 +338,27 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Count one DNS answer released by `outcome` (see the module docs), after `held`.
+    pub fn fqdn_answer(&self, outcome: &'static str, held: Option<std::time::Duration>) {
+        self.fqdn_answers
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        if let Some(d) = held {
+            self.fqdn_hold.observe(d.as_secs_f64());
+        }
+    }
+
     /// The text exposition, with the audit gauges refreshed from `sink`.
     pub fn render(&self, sink: &AuditSink) -> String {
         self.written.set(sink.written() as i64);
         self.queued
             .set(i64::try_from(sink.queued()).unwrap_or(i64::MAX));
         self.shed.set(sink.shed() as i64);
+        self.render_plain()
+    }
+
+    /// The text exposition as it stands (the audit gauges as last refreshed).
+    pub fn render_plain(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

@@ -11,7 +11,8 @@
 //! change neither widens nor silently drops what was enforced. While the agent is away the
 //! proxy serves the last good state and reconnects with backoff; a restarted proxy gets the
 //! full set on connect. Until the first update is applied the proxy has no listeners at all, so
-//! redirected flows are dropped by the datapath (no fail-open).
+//! redirected flows are dropped by the datapath (no fail-open). Learned FQDN IPs go the other
+//! way on a stream of their own (`fqdn_link.rs`), started here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -228,8 +229,12 @@ pub struct AgentLink {
 impl AgentLink {
     /// Connect to the agent and apply its first update; keep following the stream (and
     /// reconnecting) in a background task that swaps every later version into the returned
-    /// handle. Waits, retrying, until the agent has sent a servable policy.
+    /// handle. Waits, retrying, until the agent has sent a servable policy. Also opens the
+    /// FQDN stream that reports learned IPs to the agent (`fqdn_link.rs`).
     pub async fn start(self) -> Result<PolicyHandle> {
+        let link = crate::fqdn_link::FqdnLink::new(self.metrics.clone());
+        self.fqdn.set_link(link.clone());
+        tokio::spawn(link.run(self.socket.clone(), Arc::downgrade(&self.fqdn)));
         let mut book = RuleSetBook::default();
         let mut backoff = Backoff::default();
         let mut waiting_logged = false;
@@ -401,7 +406,7 @@ fn report(ack: &Ack, metrics: &Metrics) {
 
 /// 100 ms doubling to 2 s.
 #[derive(Debug)]
-struct Backoff(Duration);
+pub(crate) struct Backoff(Duration);
 
 impl Default for Backoff {
     fn default() -> Backoff {
@@ -410,7 +415,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(2));
         d

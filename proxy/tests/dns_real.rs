@@ -16,6 +16,7 @@ use tollgate_policy::load::PolicySet;
 use tollgate_proxy::PolicyState;
 use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
+use tollgate_proxy::fqdn_link::FqdnLink;
 use tollgate_proxy::metrics::Metrics;
 
 const POLICY: &str = r#"
@@ -521,4 +522,258 @@ async fn many_queries_pipelined_on_one_tcp_connection_are_all_answered() {
         let want = if id % 2 == 0 { 0 } else { 5 };
         assert_eq!(*rc, Some(want), "query {id}");
     }
+}
+
+/// Stands in for the agent's side of the `Fqdn` stream (on a Unix socket): acks every message
+/// `delay` after it arrives (never, with `None`) and counts messages and (name, IP) pairs.
+#[derive(Clone)]
+struct StandInAgent {
+    delay: Option<Duration>,
+    messages: Arc<std::sync::atomic::AtomicUsize>,
+    pairs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type Acks = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<tollgate_api::v1::LearnedAck, tonic::Status>> + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl tollgate_api::v1::fqdn_server::Fqdn for StandInAgent {
+    type LearnStream = Acks;
+
+    async fn learn(
+        &self,
+        request: tonic::Request<tonic::Streaming<tollgate_api::v1::Learned>>,
+    ) -> Result<tonic::Response<Acks>, tonic::Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = incoming.message().await {
+                me.messages.fetch_add(1, Relaxed);
+                me.pairs.fetch_add(m.changes.len(), Relaxed);
+                let Some(delay) = me.delay else {
+                    continue;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let ack = tollgate_api::v1::LearnedAck {
+                        seq: m.seq,
+                        ..Default::default()
+                    };
+                    let _ = tx.send(Ok(ack)).await;
+                });
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The stand-in agent on a socket in a fresh directory, and the proxy's FQDN link to it,
+/// once the link has sent its first (full) message.
+async fn link_to_stand_in(p: &Proxy, delay: Option<Duration>) -> (StandInAgent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let listener = tollgate_api::bind_unix(&sock).unwrap();
+    let agent = StandInAgent {
+        delay,
+        messages: Arc::default(),
+        pairs: Arc::default(),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tollgate_api::v1::fqdn_server::FqdnServer::new(
+                agent.clone(),
+            ))
+            .serve_with_incoming(tollgate_api::incoming(listener)),
+    );
+    let link = FqdnLink::new(p.metrics.clone());
+    p.state.fqdn.set_link(link.clone());
+    tokio::spawn(link.run(sock, Arc::downgrade(&p.state.fqdn)));
+    for _ in 0..250 {
+        if agent.messages.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return (agent, dir);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the FQDN link did not reach the stand-in agent in 5 s");
+}
+
+/// `tollgate_proxy_fqdn_answers_total{outcome}` of `p`.
+fn fqdn_answers(p: &Proxy, outcome: &str) -> u64 {
+    let series = format!("tollgate_proxy_fqdn_answers_total{{outcome=\"{outcome}\"}} ");
+    p.metrics
+        .render_plain()
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_teaching_new_ips_waits_for_the_agent_and_other_queries_do_not() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        fqdn_max_hold: Duration::from_secs(5),
+        ..DnsOptions::default()
+    };
+    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let ack_after = Duration::from_millis(800);
+    let (agent, _dir) = link_to_stand_in(&p, Some(ack_after)).await;
+    let client = Some("127.0.0.10");
+    let q = |name: &'static str| vec!["+tries=1", "+time=4", name, "A"];
+
+    // A new IP: the answer waits for the agent's ack.
+    let t = Instant::now();
+    let d = dig_async(p.addr, client, q("web.example.com")).await;
+    assert_eq!(
+        d.answers,
+        vec!["web.example.com. 30 IN A 192.0.2.11"],
+        "{d:?}"
+    );
+    let first = t.elapsed();
+    assert!(first >= ack_after - Duration::from_millis(50), "{first:?}");
+
+    // Another new one is held; meanwhile a known answer and a denied query go out at once.
+    let addr = p.addr;
+    let held = tokio::spawn(async move {
+        let t = Instant::now();
+        let d = dig_async(addr, client, q("api.example.com")).await;
+        (d, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let known = dig_async(p.addr, client, q("web.example.com")).await;
+    let denied = dig_async(p.addr, client, q("evil.example.org")).await;
+    let others = t.elapsed();
+    assert!(
+        !held.is_finished(),
+        "the held answer is still waiting ({others:?} later)"
+    );
+    assert_eq!(known.status, "NOERROR", "{known:?}");
+    assert_eq!(denied.status, "REFUSED", "{denied:?}");
+    let (d, waited) = held.await.unwrap();
+    assert_eq!(
+        d.answers,
+        vec!["api.example.com. 300 IN A 192.0.2.10"],
+        "{d:?}"
+    );
+    assert!(
+        waited >= ack_after - Duration::from_millis(50),
+        "{waited:?}"
+    );
+
+    assert_eq!(fqdn_answers(&p, "confirmed"), 2);
+    assert_eq!(fqdn_answers(&p, "timeout"), 0);
+    assert_eq!(
+        agent.pairs.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "one (name, IP) pair each, the repeat sent nothing"
+    );
+    eprintln!(
+        "held answers: {first:?} and {waited:?} with the agent acking after {ack_after:?}; a known \
+         answer and a denied query meanwhile: {others:?} for both"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_too_an_answer_teaching_a_new_ip_waits_for_the_agent() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        fqdn_max_hold: Duration::from_secs(5),
+        ..DnsOptions::default()
+    };
+    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let ack_after = Duration::from_millis(500);
+    let (_agent, _dir) = link_to_stand_in(&p, Some(ack_after)).await;
+    let q = |name: &'static str| vec!["+tcp", "+tries=1", "+time=4", name, "AAAA"];
+    let t = Instant::now();
+    let d = dig_async(p.addr, Some("127.0.0.10"), q("api.example.com")).await;
+    let held = t.elapsed();
+    assert_eq!(
+        d.answers,
+        vec!["api.example.com. 300 IN AAAA 2001:db8::10"],
+        "{d:?}"
+    );
+    assert!(held >= ack_after - Duration::from_millis(50), "{held:?}");
+    // Confirmed now: the same answer goes out at once.
+    let t = Instant::now();
+    let d = dig_async(p.addr, Some("127.0.0.10"), q("api.example.com")).await;
+    assert_eq!(d.status, "NOERROR", "{d:?}");
+    assert!(t.elapsed() < ack_after, "{:?}", t.elapsed());
+    assert_eq!(fqdn_answers(&p, "confirmed"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_agent_s_ack_the_answer_goes_out_at_the_hold_limit_and_is_counted() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        fqdn_max_hold: Duration::from_millis(150),
+        ..DnsOptions::default()
+    };
+    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let (_agent, _dir) = link_to_stand_in(&p, None).await;
+    let t = Instant::now();
+    let d = dig_async(
+        p.addr,
+        Some("127.0.0.10"),
+        vec!["+tries=1", "+time=3", "api.example.com"],
+    )
+    .await;
+    let took = t.elapsed();
+    assert_eq!(
+        d.answers,
+        vec!["api.example.com. 300 IN A 192.0.2.10"],
+        "{d:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(140) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(fqdn_answers(&p, "timeout"), 1);
+    assert_eq!(fqdn_answers(&p, "confirmed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_agent_to_tell_answers_go_out_at_once_and_are_counted() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = start_proxy("127.0.0.1:0", up, DnsOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let link = FqdnLink::new(p.metrics.clone());
+    p.state.fqdn.set_link(link.clone());
+    tokio::spawn(link.run(
+        dir.path().join("nobody.sock"),
+        Arc::downgrade(&p.state.fqdn),
+    ));
+    let d = dig_async(
+        p.addr,
+        Some("127.0.0.10"),
+        vec!["+tries=1", "+time=3", "api.example.com"],
+    )
+    .await;
+    assert_eq!(d.status, "NOERROR", "{d:?}");
+    assert_eq!(fqdn_answers(&p, "agent_away"), 1);
+    assert_eq!(
+        fqdn_answers(&p, "confirmed") + fqdn_answers(&p, "timeout"),
+        0
+    );
+    assert_eq!(
+        p.state.fqdn.names_of("192.0.2.10".parse().unwrap()),
+        vec!["api.example.com."],
+        "still learned: sent to the agent when it comes"
+    );
 }

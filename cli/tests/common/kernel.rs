@@ -51,8 +51,18 @@ pub fn wait_for_log(log: &Path, needle: &str) -> String {
     crate::common::wait_for_log(log, needle, Duration::from_secs(30))
 }
 
-/// python3 http.server on port 8080 in `host`'s namespace, serving `files`.
+/// python3 http.server on port 8080 of `host`'s IPv4 address, serving `files`.
 pub fn http_server(host: &Host, files: &[(&str, &str)]) -> (Reaped, tempfile::TempDir) {
+    http_server_at(host, &host.v4.to_string(), files)
+}
+
+/// python3 http.server on port 8080 of `bind` (`::`: every IPv4 and IPv6 address) in `host`'s
+/// namespace, serving `files`.
+pub fn http_server_at(
+    host: &Host,
+    bind: &str,
+    files: &[(&str, &str)],
+) -> (Reaped, tempfile::TempDir) {
     let www = tempfile::tempdir().unwrap();
     for (name, text) in files {
         std::fs::write(www.path().join(name), text).unwrap();
@@ -67,7 +77,7 @@ pub fn http_server(host: &Host, files: &[(&str, &str)]) -> (Reaped, tempfile::Te
             "http.server",
             "8080",
         ])
-        .args(["--bind", &host.v4.to_string(), "--directory"])
+        .args(["--bind", bind, "--directory"])
         .arg(www.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -104,11 +114,22 @@ impl WebServer {
 
 /// `tollgate proxy --agent SOCK` in the node namespace, serving the redirect ports.
 pub fn start_proxy(t: &Topology, socket: &Path, log: &Path, audit: &Path) -> Reaped {
+    start_proxy_with(t, socket, log, audit, &[])
+}
+
+pub fn start_proxy_with(
+    t: &Topology,
+    socket: &Path,
+    log: &Path,
+    audit: &Path,
+    extra: &[&str],
+) -> Reaped {
     Reaped(
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", t.node))
             .args([env!("CARGO_BIN_EXE_tollgate"), "proxy", "--agent"])
             .arg(socket)
+            .args(extra)
             .args(["--transparent", "127.0.0.1:15001"])
             .args(["--dns-transparent", "127.0.0.1:15053"])
             .arg("--audit-log")
