@@ -3,15 +3,18 @@
 //! * `--kubernetes`: the Kubernetes source — watch the policy kinds, Pods and Namespaces,
 //!   allocate cluster-wide identities, write TollgatePolicy status and Events, and compile every
 //!   change into kernel map contents (`plan::compile`), printing one line per revision and every
-//!   problem.
+//!   problem. With `--rule-socket SOCK` every revision is also served to proxies as rule sets
+//!   (each policy object its own, named `Kind ns/name`, and the inventory).
 //! * `--policies DIR --endpoints FILE --rule-socket SOCK`: serve the files as versioned rule
 //!   sets to proxies (`tollgate proxy --agent SOCK`), watching them for changes, and print every
-//!   proxy's ACK/NACK. Enforcing on a node with the kernel datapath is `tollgate up`.
+//!   proxy's ACK/NACK. Enforcing on a node with the kernel datapath is `tollgate up` (with
+//!   `--kubernetes` for the Kubernetes source).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
+use tollgate_agent::kubernetes::node;
 use tollgate_agent::kubernetes::source::{self, Identities, Options, Snapshot};
 use tollgate_agent::metrics::{AgentMetrics, Applied};
 use tollgate_agent::plan::{ProxyPorts, compile};
@@ -34,7 +37,7 @@ pub struct AgentArgs {
     /// Endpoints inventory (watched).
     #[arg(long)]
     pub endpoints: Option<PathBuf>,
-    /// Serve rule sets to proxies on this Unix socket.
+    /// Serve rule sets to proxies on this Unix socket (`tollgate proxy --agent SOCK`).
     #[arg(long)]
     pub rule_socket: Option<PathBuf>,
     /// Fallback check of the files (milliseconds); inotify sees changes at once.
@@ -43,10 +46,22 @@ pub struct AgentArgs {
     /// Serve the agent's Prometheus metrics on this address (`/metrics`; with `--rule-socket`).
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Print the first revision and exit: 0 without problems, 1 with.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// How to reach the Kubernetes API and what this node is (`agent --kubernetes`, `up
+/// --kubernetes`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
     /// Kubeconfig file (default: in-cluster service account, $KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// This agent's name in Events (default: $NODE_NAME, else the host name).
+    /// This node's name: `tollgate up --kubernetes` enforces for the pods whose spec.nodeName
+    /// it is; also the name in Events (default: $NODE_NAME, else the host name).
     #[arg(long)]
     pub node: Option<String>,
     /// `cluster`: TollgateIdentity objects shared by all nodes; `local`: numbered by this agent.
@@ -58,9 +73,39 @@ pub struct AgentArgs {
     /// Write neither TollgatePolicy status nor Events.
     #[arg(long)]
     pub no_status: bool,
-    /// Print the first revision and exit: 0 without problems, 1 with.
-    #[arg(long)]
-    pub once: bool,
+}
+
+impl KubeArgs {
+    /// `--node`, else $NODE_NAME, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "tollgate-agent".to_string())
+    }
+
+    /// The Kubernetes source's options.
+    pub fn options(&self) -> Options {
+        Options {
+            identities: match self.identities.as_str() {
+                "local" => Identities::Local,
+                _ => Identities::Cluster {
+                    gc_grace: Duration::from_secs(self.identity_gc_seconds),
+                },
+            },
+            write_status: !self.no_status,
+            instance: self.node_name(),
+            ..Options::default()
+        }
+    }
+
+    /// Connect and start the source; returns once the first snapshot is compiled.
+    pub async fn start(&self) -> Result<source::Running> {
+        let client = tollgate_agent::kubernetes::client(self.kubeconfig.as_deref()).await?;
+        source::start(client, self.options()).await
+    }
 }
 
 fn print(snap: &Snapshot) {
@@ -102,35 +147,30 @@ pub fn run(args: &AgentArgs) -> Result<bool> {
     {
         return serve_files(args, endpoints, socket);
     }
-    let instance = args
-        .node
-        .clone()
-        .or_else(|| std::env::var("NODE_NAME").ok())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "tollgate-agent".to_string());
-    let opts = Options {
-        identities: match args.identities.as_str() {
-            "local" => Identities::Local,
-            _ => Identities::Cluster {
-                gc_grace: Duration::from_secs(args.identity_gc_seconds),
-            },
-        },
-        write_status: !args.no_status,
-        instance,
-        ..Options::default()
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = tollgate_agent::kubernetes::client(args.kubeconfig.as_deref()).await?;
-        let mut running = source::start(client, opts).await?;
+        let mut running = args.kube.start().await?;
+        let mut server: Option<RuleSetServer> = None;
         loop {
             let snap = running.snapshots.borrow_and_update().clone();
             print(&snap);
             if args.once {
                 return Ok(snap.problems.is_empty());
+            }
+            match (&server, &args.rule_socket) {
+                (Some(server), _) => {
+                    let v = server.publish(node::rule_sets(&snap));
+                    println!("  rule sets: version {v}");
+                }
+                (None, Some(socket)) => {
+                    let s = log_acks(RuleSetServer::new(node::rule_sets(&snap)), "tollgate agent");
+                    tokio::spawn(s.clone().serve_unix(socket.clone()));
+                    println!("  rule sets: version 1 on {}", socket.display());
+                    server = Some(s);
+                }
+                (None, None) => {}
             }
             if running.snapshots.changed().await.is_err() {
                 anyhow::bail!("the Kubernetes source stopped");

@@ -14,6 +14,7 @@ mod observe;
 mod policytest;
 mod request;
 mod up;
+mod up_kube;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,10 +54,12 @@ enum Command {
     #[command(subcommand)]
     Fqdn(fqdn_cmd::FqdnCommand),
     /// Datapath + agent + proxy on this host from a policy directory and an endpoints
-    /// inventory; reloads on file changes.
+    /// inventory (reloads on file changes), or from the Kubernetes API (`--kubernetes`: this
+    /// node's pods, on the interfaces the kernel routes their IPs to).
     Up(Box<up::UpArgs>),
-    /// The agent from the Kubernetes API (`--kubernetes`): watch policies, pods and namespaces,
-    /// allocate identities, write status and events, compile each change (no datapath yet).
+    /// The agent without the datapath: from the Kubernetes API (`--kubernetes`: watch policies,
+    /// pods and namespaces, allocate identities, write status and events, compile each change;
+    /// `--rule-socket` serves them to proxies), or files served to proxies as rule sets.
     Agent(Box<agent_cmd::AgentArgs>),
     /// Print tollgate's CustomResourceDefinitions (generated from the Rust types): all, or
     /// the one of KIND (TollgatePolicy, TollgateIdentity; also CiliumNetworkPolicy and

@@ -1,12 +1,16 @@
 //! `tollgate up`: datapath, agent and proxy on this host, from a policy directory and an
-//! endpoints inventory (whose endpoints name their host-side interface).
+//! endpoints inventory (whose endpoints name their host-side interface), or from the
+//! Kubernetes API (`--kubernetes`: this node's pods, their interfaces from the kernel's routes;
+//! `crate::up_kube`).
 //!
 //! Start: load and compile the policy, write the kernel maps and attach the TC programs, install
 //! the redirect routing, start the proxy's transparent listeners (L7 and DNS) on the ports the
-//! redirect entries name. Then watch the files (polling their size and mtime): on a change,
-//! reload and recompile; a policy that does not load keeps the last good one in force (and says
-//! why); a good one is written to the kernel as a diff and swapped into the proxy atomically.
-//! Each applied change is logged with its revision and how long it took.
+//! redirect entries name. Then follow the input ([`Input`]: the files, polled by size and
+//! mtime, or the Kubernetes source's snapshots): on a change, reload and recompile; a policy
+//! that does not load keeps the last good one in force (and says why); a good one is written to
+//! the kernel as a diff and swapped into the proxy atomically (and published to proxies as rule
+//! sets with `--rule-socket`). Each applied change is logged with its revision and how long it
+//! took.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,27 +20,40 @@ use anyhow::{Context, Result};
 use std::sync::Mutex;
 
 use tollgate_agent::apply::{Updated, apply, update};
+use tollgate_agent::kubernetes::node::attached_here;
 use tollgate_agent::learned::{Change, LOCAL, LearnedBook, LearnedServer, LearnedSink};
 use tollgate_agent::metrics::{AgentMetrics, Applied};
-use tollgate_agent::plan::{FIRST_FQDN_IDENTITY, Plan, ProxyPorts, compile, compile_with};
+use tollgate_agent::plan::{FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile_local};
 use tollgate_agent::rulesets::RuleSetServer;
+use tollgate_api::v1::RuleSet;
 use tollgate_datapath::{Datapath, DatapathOptions, RedirectRouting};
+use tollgate_policy::endpoints::Endpoint;
 use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
 use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig, FqdnUpdate};
 use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::state::{Sources, fingerprint};
+use tollgate_proxy::state::{Fingerprint, Sources, fingerprint};
 use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
     /// Policy files or directories (watched).
-    #[arg(long = "policies", required = true, num_args = 1..)]
+    #[arg(long = "policies", num_args = 1.., required_unless_present = "kubernetes")]
     pub policies: Vec<PathBuf>,
     /// Endpoints inventory (watched); each endpoint's `interface` is where the datapath
     /// attaches.
-    #[arg(long)]
-    pub endpoints: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub endpoints: Option<PathBuf>,
+    /// Take policy and endpoints from the Kubernetes API instead of files (CNP, CCNP,
+    /// NetworkPolicy, TollgatePolicy, Pods, Namespaces; as `tollgate agent --kubernetes`). The
+    /// pods of this node (`--node`) are the endpoints the datapath attaches to, each on the
+    /// interface the kernel's route to its IP leads to (or its `tollgate.io/interface`
+    /// annotation); every pod is a known peer. A local pod whose interface cannot be found is
+    /// reported as not enforced, and looked for again.
+    #[arg(long, conflicts_with_all = ["policies", "endpoints"])]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: crate::agent_cmd::KubeArgs,
     /// Port of the proxy's transparent L7 listener (HTTP, gRPC, TLS) on 127.0.0.1.
     #[arg(long, default_value_t = 15001)]
     pub l7_port: u16,
@@ -58,12 +75,14 @@ pub struct UpArgs {
     /// Serve Prometheus metrics (and `/fqdn`) on this address.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// How often the files are checked for changes (milliseconds).
+    /// How often the files are checked for changes (milliseconds); with `--kubernetes`, how
+    /// often a local pod whose interface was not found is looked for again.
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
     /// Serve the policy as versioned rule sets to proxies on this Unix socket
-    /// (`tollgate proxy --agent SOCK`), and take the IPs they learn from DNS answers into the
-    /// kernel (toFQDNs).
+    /// (`tollgate proxy --agent SOCK`): one per policy file, or per Kubernetes policy object
+    /// (`Kind ns/name`), and the inventory; and take the IPs they learn from DNS answers into
+    /// the kernel (toFQDNs).
     #[arg(long)]
     pub rule_socket: Option<PathBuf>,
     /// Run no proxy in this process: a separate `tollgate proxy --agent SOCK --transparent
@@ -75,6 +94,97 @@ pub struct UpArgs {
     pub external_proxy: bool,
 }
 
+/// One revision of what `tollgate up` enforces, as its input gave it.
+pub(crate) struct Loaded {
+    /// The policy and the inventory (revision and FQDN cache are set by the caller); the
+    /// endpoints the datapath attaches to have their interface.
+    pub state: PolicyState,
+    /// What proxies are served with `--rule-socket`.
+    pub rule_sets: Vec<RuleSet>,
+    /// Endpoints this revision should enforce and cannot, one line each with the reason.
+    pub not_enforced: Vec<String>,
+    /// When the change was first seen (for the applied-in figure).
+    pub since: Instant,
+}
+
+/// What an [`Input`] saw next.
+pub(crate) enum Next {
+    /// A change to apply.
+    Apply(Box<Loaded>),
+    /// A change that is not applied, and why: the last good revision stays in force.
+    Keep(anyhow::Error),
+}
+
+/// Where `tollgate up` takes its policy and endpoints from.
+pub(crate) trait Input {
+    /// The node whose endpoints the datapath attaches to ([`attached_here`]); `None`: every
+    /// endpoint (directory mode).
+    fn node(&self) -> Option<String>;
+    /// Wait for the next change and load it; an error ends `tollgate up` (the input is gone).
+    async fn next(&mut self) -> Result<Next>;
+}
+
+/// The policy files and the inventory file, polled.
+struct Files {
+    policies: Vec<PathBuf>,
+    endpoints: PathBuf,
+    poll: Duration,
+    seen: Fingerprint,
+}
+
+impl Files {
+    fn start(args: &UpArgs) -> Result<(Files, Loaded)> {
+        let endpoints = args
+            .endpoints
+            .clone()
+            .context("--endpoints is needed without --kubernetes")?;
+        let files = Files {
+            seen: fingerprint(&args.policies, &endpoints),
+            policies: args.policies.clone(),
+            endpoints,
+            poll: Duration::from_millis(args.poll_ms.max(10)),
+        };
+        let first = files.load(Instant::now())?;
+        Ok((files, first))
+    }
+
+    /// Load (see [`PolicyState::load_strict`]); item-level diagnostics are printed, never
+    /// dropped.
+    fn load(&self, since: Instant) -> Result<Loaded> {
+        let sources = Sources::read(&self.policies, &self.endpoints)?;
+        let state = PolicyState::from_sources(&sources)?.strict()?;
+        for d in &state.diagnostics {
+            eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
+        }
+        Ok(Loaded {
+            state,
+            rule_sets: crate::agent_cmd::rule_sets_of(&sources),
+            not_enforced: Vec::new(),
+            since,
+        })
+    }
+}
+
+impl Input for Files {
+    fn node(&self) -> Option<String> {
+        None
+    }
+
+    async fn next(&mut self) -> Result<Next> {
+        loop {
+            tokio::time::sleep(self.poll).await;
+            let now = fingerprint(&self.policies, &self.endpoints);
+            if now != self.seen {
+                self.seen = now;
+                return Ok(match self.load(Instant::now()) {
+                    Ok(l) => Next::Apply(Box::new(l)),
+                    Err(e) => Next::Keep(e),
+                });
+            }
+        }
+    }
+}
+
 /// What the agent keeps between changes: the kernel, what it holds, and the learned IPs.
 struct Agent {
     dp: Datapath,
@@ -84,13 +194,15 @@ struct Agent {
     /// identity each was given.
     learned: LearnedBook,
     ports: ProxyPorts,
+    /// The node whose endpoints are attached (`None`: all of them).
+    node: Option<String>,
 }
 
 impl Agent {
     /// Recompile `state` with the learned IPs and write the difference to the kernel.
     fn converge(&mut self, state: Arc<PolicyState>) -> Result<Updated> {
         let learned = self.learned.learned();
-        let plan = compile_with(&state.evaluator, &state.inventory, self.ports, &learned);
+        let plan = compile_here(&state, self.ports, &learned, self.node.as_deref());
         for w in &plan.warnings {
             eprintln!("tollgate up: warning: {w}");
         }
@@ -208,46 +320,51 @@ async fn expire_learned(agent: Arc<Mutex<Agent>>) {
     }
 }
 
-/// Load for revision `revision` (see [`PolicyState::load_strict`]); item-level diagnostics
-/// are printed, never dropped. Also returns the sources it was built from.
-fn load(args: &UpArgs, revision: u64, fqdn: &Arc<FqdnCache>) -> Result<(PolicyState, Sources)> {
-    let sources = Sources::read(&args.policies, &args.endpoints)?;
-    let mut state = PolicyState::from_sources(&sources)?.strict()?;
-    state.revision = revision;
-    for d in &state.diagnostics {
-        eprintln!("tollgate up: {d} (this item was not loaded; see docs/policy-model.md)");
-    }
-    Ok((state.with_fqdn(fqdn.clone()), sources))
+/// The plan of `state` for the endpoints of `node` (all without one).
+fn compile_here(
+    state: &PolicyState,
+    ports: ProxyPorts,
+    learned: &[LearnedIp],
+    node: Option<&str>,
+) -> Plan {
+    let local = |ep: &Endpoint| node.is_none_or(|n| attached_here(n, ep));
+    compile_local(&state.evaluator, &state.inventory, ports, learned, &local)
 }
 
 pub fn run(args: &UpArgs) -> Result<bool> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(args.clone()))?;
+    rt.block_on(async {
+        if args.kubernetes {
+            let (input, first) = crate::up_kube::Kube::start(args).await?;
+            serve(args.clone(), input, first).await
+        } else {
+            let (input, first) = Files::start(args)?;
+            serve(args.clone(), input, first).await
+        }
+    })?;
     Ok(true)
 }
 
-async fn serve(args: UpArgs) -> Result<()> {
+async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()> {
     let fqdn = Arc::new(FqdnCache::new(FqdnConfig::default()));
     tokio::spawn(fqdn.clone().run_expiry());
     let mut revision = 1;
-    let mut seen = fingerprint(&args.policies, &args.endpoints);
     let agent_metrics = Arc::new(AgentMetrics::new());
-    let first_started = Instant::now();
-    let (state, sources) = load(&args, revision, &fqdn)?;
+    let first_started = first.since;
+    let mut state = first.state.with_fqdn(fqdn.clone());
+    state.revision = revision;
     let state = Arc::new(state);
     let rule_server = args.rule_socket.as_ref().map(|_| {
-        crate::agent_cmd::log_acks(
-            RuleSetServer::new(crate::agent_cmd::rule_sets_of(&sources)),
-            "tollgate up",
-        )
+        crate::agent_cmd::log_acks(RuleSetServer::new(first.rule_sets.clone()), "tollgate up")
     });
     let ports = ProxyPorts {
         l7: args.l7_port,
         dns: args.dns_port,
     };
-    let plan = compile(&state.evaluator, &state.inventory, ports);
+    let node = input.node();
+    let plan = compile_here(&state, ports, &[], node.as_deref());
     for w in &plan.warnings {
         eprintln!("tollgate up: warning: {w}");
     }
@@ -258,7 +375,7 @@ async fn serve(args: UpArgs) -> Result<()> {
     })
     .context("loading the datapath (root, bpffs and scripts/setup-datapath.sh needed)")?;
     let applied = apply(&mut dp, &plan)?;
-    for u in &applied.unattached {
+    for u in applied.unattached.iter().chain(&first.not_enforced) {
         eprintln!("tollgate up: not enforced: {u}");
     }
     dp.install_redirect_routing(&RedirectRouting::default())?;
@@ -278,6 +395,7 @@ async fn serve(args: UpArgs) -> Result<()> {
         state,
         learned: LearnedBook::new(FIRST_FQDN_IDENTITY),
         ports,
+        node,
     }));
     {
         let agent = agent.clone();
@@ -334,21 +452,18 @@ async fn serve(args: UpArgs) -> Result<()> {
     }
 
     loop {
-        tokio::time::sleep(Duration::from_millis(args.poll_ms.max(10))).await;
-        let now = fingerprint(&args.policies, &args.endpoints);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let started = Instant::now();
-        let (state, sources) = match load(&args, revision + 1, &fqdn) {
-            Ok((x, sources)) => (Arc::new(x), sources),
-            Err(e) => {
+        let loaded = match input.next().await? {
+            Next::Apply(l) => l,
+            Next::Keep(e) => {
                 eprintln!("tollgate up: keeping revision {revision}: {e:#}");
                 agent_metrics.rejected_reload();
                 continue;
             }
         };
+        let started = loaded.since;
+        let mut state = loaded.state.with_fqdn(fqdn.clone());
+        state.revision = revision + 1;
+        let state = Arc::new(state);
         let (u, plan_stats) = {
             let mut a = agent
                 .lock()
@@ -366,7 +481,7 @@ async fn serve(args: UpArgs) -> Result<()> {
         });
         handle.store(state);
         if let Some(server) = &rule_server {
-            server.publish(crate::agent_cmd::rule_sets_of(&sources));
+            server.publish(loaded.rule_sets);
         }
         revision += 1;
         metrics.set_revision(revision);
@@ -381,7 +496,7 @@ async fn serve(args: UpArgs) -> Result<()> {
             u.endpoints_written,
             u.endpoints_removed
         );
-        for x in &u.unattached {
+        for x in u.unattached.iter().chain(&loaded.not_enforced) {
             eprintln!("tollgate up: not enforced: {x}");
         }
     }

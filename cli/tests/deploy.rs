@@ -448,15 +448,17 @@ fn the_rendered_chart_is_valid_kubernetes_objects_with_defaults_and_every_option
             ("ServiceAccount", "tollgate"),
             ("ClusterRole", "tollgate"),
             ("ClusterRoleBinding", "tollgate"),
-            ("ConfigMap", "tollgate-policies"),
-            ("ConfigMap", "tollgate-endpoints"),
             ("Service", "tollgate-metrics"),
             ("CustomResourceDefinition", "tollgatepolicies.tollgate.io"),
             ("CustomResourceDefinition", "tollgateidentities.tollgate.io"),
         ] {
             assert!(has(k, n), "{values:?}: no {k} {n} in {kinds:?}");
         }
+        // The defaults take everything from the Kubernetes API; all-on is directory mode
+        // (`source: files`), with the policies and the inventory in ConfigMaps.
         for (k, n) in [
+            ("ConfigMap", "tollgate-policies"),
+            ("ConfigMap", "tollgate-endpoints"),
             ("ServiceMonitor", "tollgate"),
             (
                 "CustomResourceDefinition",
@@ -469,11 +471,40 @@ fn the_rendered_chart_is_valid_kubernetes_objects_with_defaults_and_every_option
         ] {
             assert_eq!(has(k, n), every_option, "{values:?}: {k} {n} in {kinds:?}");
         }
-        assert_eq!(kinds.len(), if every_option { 12 } else { 9 }, "{kinds:?}");
+        assert_eq!(kinds.len(), if every_option { 12 } else { 7 }, "{kinds:?}");
         if every_option {
             the_options_reach_the_objects(&objects);
+        } else {
+            the_nodes_enforce_the_kubernetes_source(&objects);
         }
     }
+}
+
+/// With the defaults: every node runs `tollgate up --kubernetes`, told its node's name.
+fn the_nodes_enforce_the_kubernetes_source(objects: &[(usize, serde_json::Value)]) {
+    let ds = objects
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| o["kind"] == "DaemonSet")
+        .unwrap();
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(&args[..2], ["up", "--kubernetes"], "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--policies")),
+        "{args:?}"
+    );
+    assert_eq!(c["env"][0]["name"], "NODE_NAME");
+    assert_eq!(
+        c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert!(c["volumeMounts"].as_array().unwrap().len() == 3, "{c}");
 }
 
 /// With ci/all-on-values.yaml: the values are where they act, and the policies the ConfigMap
@@ -497,6 +528,8 @@ fn the_options_reach_the_objects(objects: &[(usize, serde_json::Value)]) {
         .map(|a| a.as_str().unwrap())
         .collect();
     for want in [
+        "--policies=/etc/tollgate/policies",
+        "--endpoints=/etc/tollgate/endpoints/endpoints.yaml",
         "--audit-log=-",
         "--audit-max-bytes=1048576",
         "--audit-keep=2",

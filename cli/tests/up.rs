@@ -6,6 +6,8 @@
 
 #[path = "../../redirector-ebpf/loader/tests/harness/mod.rs"]
 mod harness;
+#[path = "common/kernel.rs"]
+mod kernel;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::{Reaped, write_atomic};
 use harness::{Topology, require_root};
+use kernel::{
+    WebServer, curl, curl_quick, http_server, http_server_at, start_proxy, start_proxy_with, until,
+    wait_for_log,
+};
 
 mod common;
 
@@ -43,98 +49,14 @@ spec:
         http: [{method: GET, path: /allowed.txt}]
 "#;
 
-/// `curl` from `netns`: the HTTP status, or 0 when no connection could be made.
-fn curl(netns: &str, url: &str) -> u16 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "curl", "-s", "-o", "/dev/null"])
-        .args(["--max-time", "2", "-w", "%{http_code}", url])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
-/// Like [`curl`] but giving up on a connection after 100 ms, so that timing a change to
-/// "dropped" is not dominated by the client's own timeout.
-fn curl_quick(netns: &str, url: &str) -> u16 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "curl", "-s", "-o", "/dev/null"])
-        .args(["--connect-timeout", "0.1", "--max-time", "2"])
-        .args(["-w", "%{http_code}", url])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
-}
-
-/// Polls `f` (bounded, 10 s) until it returns `want`; how long that took.
-fn until(want: u16, f: impl Fn() -> u16) -> Duration {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if f() == want {
-            return t.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("not {want} after 10 s (last {})", f());
-}
-
-fn wait_for_log(log: &Path, needle: &str) -> String {
-    common::wait_for_log(log, needle, Duration::from_secs(30))
-}
-
-/// python3 http.server on port 8080 of `host`'s IPv4 address, serving `files`.
-fn http_server(host: &harness::Host, files: &[(&str, &str)]) -> (Reaped, tempfile::TempDir) {
-    http_server_at(host, &host.v4.to_string(), files)
-}
-
-/// python3 http.server on port 8080 of `bind` (`::`: every IPv4 and IPv6 address) in `host`'s
-/// namespace, serving `files`.
-fn http_server_at(
-    host: &harness::Host,
-    bind: &str,
-    files: &[(&str, &str)],
-) -> (Reaped, tempfile::TempDir) {
-    let www = tempfile::tempdir().unwrap();
-    for (name, text) in files {
-        std::fs::write(www.path().join(name), text).unwrap();
-    }
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &host.netns,
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-        ])
-        .args(["--bind", bind, "--directory"])
-        .arg(www.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (Reaped(child), www)
-}
-
 #[test]
 fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
     if !require_root("tollgate_up_enforces_policy_files_and_applies_changes_while_running") {
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
 
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
@@ -514,35 +436,6 @@ spec:
     );
 }
 
-/// `tollgate proxy --agent SOCK` in the node namespace, serving the redirect ports.
-fn start_proxy(t: &Topology, socket: &Path, log: &Path, audit: &Path) -> Reaped {
-    start_proxy_with(t, socket, log, audit, &[])
-}
-
-fn start_proxy_with(
-    t: &Topology,
-    socket: &Path,
-    log: &Path,
-    audit: &Path,
-    extra: &[&str],
-) -> Reaped {
-    Reaped(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", t.node))
-            .args([env!("CARGO_BIN_EXE_tollgate"), "proxy", "--agent"])
-            .arg(socket)
-            .args(extra)
-            .args(["--transparent", "127.0.0.1:15001"])
-            .args(["--dns-transparent", "127.0.0.1:15053"])
-            .arg("--audit-log")
-            .arg(audit)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[test]
 fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_while_it_is_down() {
     if !require_root(
@@ -551,13 +444,8 @@ fn a_separate_proxy_process_is_fed_by_the_agent_and_nothing_passes_unjudged_whil
         return;
     }
     let t = Topology::new();
-    let server = t.server.v4.to_string();
-    let _http = http_server(
-        &t.server,
-        &[("allowed.txt", "public\n"), ("secret.txt", "secret\n")],
-    );
-    let url = |path: &str| format!("http://{server}:8080{path}");
-    until(200, || curl(&t.client.netns, &url("/allowed.txt")));
+    let web = WebServer::start(&t);
+    let url = |path: &str| web.url(path);
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();

@@ -3,6 +3,7 @@
 use tollgate_datapath::{Datapath, DatapathError, PolicyEntry};
 
 use crate::plan::Plan;
+use crate::route::ifindex;
 
 /// What [`apply`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -118,9 +119,20 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
             }
         };
         present.insert(ifname.to_string());
-        if old_eps.get(ifname) != Some(&ep.info) {
+        // An interface the old plan had, but not the one it attached to: the name came back
+        // on a new interface (a pod deleted and created again under its name, whose veth name
+        // the CNI derives from it). Its links are stale: attach afresh.
+        let renewed = old_eps.contains_key(ifname)
+            && match ifindex(ifname) {
+                Some(idx) => dp.endpoint(idx)?.is_none(),
+                None => false,
+            };
+        if renewed {
+            dp.detach(ifname)?;
+        }
+        if old_eps.get(ifname) != Some(&ep.info) || renewed {
             dp.upsert_endpoint(ifname, ep.info)?;
-            if !old_eps.contains_key(ifname) {
+            if !old_eps.contains_key(ifname) || renewed {
                 dp.attach(ifname)?;
             }
             out.endpoints_written += 1;
@@ -129,8 +141,10 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
     for ifname in old_eps.keys().filter(|i| !present.contains(*i)) {
         if let Some(idx) = ifindex(ifname) {
             dp.remove_endpoint(idx)?;
-            dp.detach(ifname)?;
         }
+        // The pinned links go even when the interface is gone (a deleted pod's veth): an
+        // interface created later under the same name (the pod recreated) gets fresh ones.
+        dp.detach(ifname)?;
         out.endpoints_removed += 1;
     }
 
@@ -153,11 +167,4 @@ pub fn update(dp: &mut Datapath, old: &Plan, new: &Plan) -> Result<Updated, Data
     dp.remove_ipcache(&stale_nets)?;
     out.ipcache_removed = stale_nets.len();
     Ok(out)
-}
-
-fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string; the call has no other preconditions.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
 }

@@ -317,6 +317,20 @@ pub fn compile_with(
     ports: ProxyPorts,
     learned: &[LearnedIp],
 ) -> Plan {
+    compile_local(eval, inv, ports, learned, &|_| true)
+}
+
+/// [`compile_with`] where only the endpoints `local` accepts are this node's (given an
+/// endpoint entry and policy entries, and attached); the others are remote peers only (their
+/// identities and ipcache entries), as the pods of other nodes are for `tollgate up
+/// --kubernetes`.
+pub fn compile_local(
+    eval: &Evaluator,
+    inv: &Inventory,
+    ports: ProxyPorts,
+    learned: &[LearnedIp],
+    local: &dyn Fn(&tollgate_policy::endpoints::Endpoint) -> bool,
+) -> Plan {
     let mut plan = Plan::default();
 
     // Remote identities: endpoints (one per identity), host, world, CIDR prefixes.
@@ -405,7 +419,9 @@ pub fn compile_with(
         }
     }
 
-    for (n, ep) in inv.endpoints.iter().enumerate() {
+    // Endpoint ids number the local endpoints only (1, 2, … in inventory order), so that pods
+    // coming and going on other nodes do not renumber this node's (and rewrite their entries).
+    for (n, ep) in inv.endpoints.iter().filter(|ep| local(ep)).enumerate() {
         let endpoint_id = n as u32 + 1;
         let named = named_of(ep);
         let local = Local {
@@ -761,6 +777,40 @@ spec:
             .unwrap();
         assert_eq!(fe.interface.as_deref(), Some("veth-fe"));
         assert_eq!(fe.info.flags, endpoint_flags::ENFORCE_EGRESS);
+    }
+
+    #[test]
+    fn only_local_endpoints_get_entries_and_the_others_stay_known_identities() {
+        let mut set = PolicySet::default();
+        set.load_str("p.yaml", POLICY);
+        let inv = Inventory::from_yaml(INVENTORY).unwrap();
+        let eval = Evaluator::new(set.rules);
+        let full = compile(&eval, &inv, PORTS);
+        let here = compile_local(&eval, &inv, PORTS, &[], &|ep| ep.spec.name == "frontend");
+        assert_eq!(
+            here.endpoints.iter().map(|e| &e.name).collect::<Vec<_>>(),
+            ["frontend"]
+        );
+        assert_eq!(here.ipcache, full.ipcache, "every pod is a known peer");
+        let fe = here.endpoints[0].info.endpoint_id;
+        assert!(here.policy.iter().all(|e| e.key.endpoint_id == fe));
+        // The frontend is the first endpoint either way: the same id, the same entries.
+        assert_eq!(full.endpoints[0].name, "frontend");
+        let full_fe: Vec<_> = full
+            .policy
+            .iter()
+            .filter(|e| e.key.endpoint_id == fe)
+            .collect();
+        assert_eq!(here.policy.iter().collect::<Vec<_>>(), full_fe);
+        // Only local endpoints are numbered: the api alone here is endpoint 1.
+        let api_here = compile_local(&eval, &inv, PORTS, &[], &|ep| ep.spec.name == "api");
+        assert_eq!(api_here.endpoints[0].info.endpoint_id, 1);
+        // The api's ingress L7 port is still redirected at the (local) frontend.
+        let api = inv.by_name("api").unwrap().identity;
+        assert_eq!(
+            kernel(&here, "frontend", dp_dir::EGRESS, api, 8080, proto::TCP).0,
+            verdict::REDIRECT
+        );
     }
 
     #[test]

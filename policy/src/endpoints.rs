@@ -13,43 +13,57 @@
 //!
 //! A bare list of endpoints is accepted too. Identities are numbers for label sets; reserved
 //! identities keep Cilium's numbers, others are allocated from 256 upwards in order of first
-//! sight, so the same inventory always yields the same numbers.
+//! sight, so the same inventory always yields the same numbers. An endpoint may give its number
+//! (`identity: 300`, as the Kubernetes source's rendered inventory does with the cluster-wide
+//! numbers, [`Inventory::to_document`]) and the node it runs on (`node:`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::labels::{Label, LabelSet, pod_labels};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointSpec {
     pub name: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<IpAddr>,
     /// Named container ports (`http: 8080`) for named-port rules.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ports: BTreeMap<String, u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
     /// The endpoint's host-side network interface (its veth), where the datapath attaches;
-    /// for `tollgate up` on a host without Kubernetes.
+    /// for `tollgate up` on a host without Kubernetes, or a pod's `tollgate.io/interface`
+    /// annotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// The node the endpoint runs on (a pod's `spec.nodeName`): `tollgate up --kubernetes`
+    /// attaches to its own node's endpoints only; the others are remote identities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The endpoint's identity number, when it is given rather than allocated here (the
+    /// cluster-wide number of the Kubernetes source). Endpoints with the same labels must give
+    /// the same number, and a number stands for one label set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 fn default_namespace() -> String {
     "default".to_string()
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceSpec {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -92,6 +106,8 @@ pub struct Endpoint {
 #[derive(Debug, Clone, Default)]
 pub struct IdentityAllocator {
     by_labels: HashMap<LabelSet, u32>,
+    /// Numbers given with [`IdentityAllocator::reserve`], never allocated.
+    given: HashMap<u32, LabelSet>,
     next: u32,
 }
 
@@ -103,10 +119,31 @@ impl IdentityAllocator {
         if self.next < reserved::FIRST_LOCAL {
             self.next = reserved::FIRST_LOCAL;
         }
+        while self.given.contains_key(&self.next) {
+            self.next += 1;
+        }
         let id = self.next;
         self.next += 1;
         self.by_labels.insert(labels.clone(), id);
         id
+    }
+
+    /// Give `labels` the number `id` (allocated elsewhere); an error when either already has
+    /// another.
+    pub fn reserve(&mut self, labels: &LabelSet, id: u32) -> Result<(), String> {
+        if let Some(other) = self.by_labels.get(labels).filter(|o| **o != id) {
+            return Err(format!(
+                "identity {id} given to labels that have identity {other}"
+            ));
+        }
+        if let Some(other) = self.given.get(&id).filter(|o| *o != labels) {
+            return Err(format!(
+                "identity {id} given to two label sets ({other} and {labels})"
+            ));
+        }
+        self.by_labels.insert(labels.clone(), id);
+        self.given.insert(id, labels.clone());
+        Ok(())
     }
 }
 
@@ -156,7 +193,29 @@ impl Inventory {
             ..Default::default()
         };
         let mut alloc = IdentityAllocator::default();
-        for spec in specs {
+        let empty = BTreeMap::new();
+        let labelled: Vec<(EndpointSpec, LabelSet)> = specs
+            .into_iter()
+            .map(|spec| {
+                let ns_labels = inv.namespaces.get(&spec.namespace).unwrap_or(&empty);
+                let labels = pod_labels(
+                    &spec.namespace,
+                    &spec.labels,
+                    ns_labels,
+                    spec.service_account.as_deref(),
+                );
+                (spec, labels)
+            })
+            .collect();
+        // Given numbers first, so that none is allocated to another label set.
+        for (spec, labels) in &labelled {
+            if let Some(id) = spec.identity {
+                alloc
+                    .reserve(labels, id)
+                    .map_err(|e| format!("`{}/{}`: {e}", spec.namespace, spec.name))?;
+            }
+        }
+        for (spec, labels) in labelled {
             // Names are unique per namespace (as pods are): `db-0` may exist in two namespaces.
             if inv
                 .endpoints
@@ -168,14 +227,6 @@ impl Inventory {
                     spec.name, spec.namespace
                 ));
             }
-            let empty = BTreeMap::new();
-            let ns_labels = inv.namespaces.get(&spec.namespace).unwrap_or(&empty);
-            let labels = pod_labels(
-                &spec.namespace,
-                &spec.labels,
-                ns_labels,
-                spec.service_account.as_deref(),
-            );
             let identity = alloc.allocate(&labels);
             let idx = inv.endpoints.len();
             for ip in &spec.ips {
@@ -209,6 +260,43 @@ impl Inventory {
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
         self.by_ip.get(&ip).map(|i| &self.endpoints[*i])
+    }
+
+    /// The namespaces with their labels.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>)> {
+        self.namespaces.iter().map(|(n, l)| (n.as_str(), l))
+    }
+
+    /// This inventory in the inventory file format (JSON, which is YAML), every endpoint with
+    /// its identity: [`Inventory::from_yaml`] of it gives the same endpoints, labels and
+    /// identities. How the Kubernetes source hands its inventory to a separate proxy.
+    pub fn to_document(&self) -> String {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            endpoints: Vec<EndpointSpec>,
+            namespaces: Vec<NamespaceRef<'a>>,
+        }
+        #[derive(Serialize)]
+        struct NamespaceRef<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            labels: &'a BTreeMap<String, String>,
+        }
+        let doc = Doc {
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| EndpointSpec {
+                    identity: Some(e.identity),
+                    ..e.spec.clone()
+                })
+                .collect(),
+            namespaces: self
+                .namespaces()
+                .map(|(name, labels)| NamespaceRef { name, labels })
+                .collect(),
+        };
+        serde_json::to_string(&doc).unwrap_or_default()
     }
 }
 
@@ -277,6 +365,55 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("duplicate endpoint name `db-0` in namespace `a`")
+        );
+    }
+
+    #[test]
+    fn given_identities_are_kept_and_the_rendered_document_reads_back_the_same() {
+        let inv = Inventory::from_yaml(
+            "endpoints:\n- {name: a, namespace: prod, labels: {app: x}, ips: [10.0.0.1], identity: 256, node: n1}\n- {name: b, namespace: prod, labels: {app: y}, ips: ['fd00::2'], ports: {http: 8080}, serviceAccount: sa, interface: veth-b}\n- {name: c, namespace: prod, labels: {app: z}, identity: 4000}\nnamespaces:\n- {name: prod, labels: {env: prod}}\n",
+        )
+        .unwrap();
+        assert_eq!(inv.by_name("a").unwrap().identity, 256);
+        assert_eq!(
+            inv.by_name("b").unwrap().identity,
+            257,
+            "an allocated number skips the given ones"
+        );
+        assert_eq!(inv.by_name("c").unwrap().identity, 4000);
+        let doc = inv.to_document();
+        let back = Inventory::from_yaml(&doc).unwrap();
+        let view = |i: &Inventory| {
+            i.endpoints
+                .iter()
+                .map(|e| (e.spec.clone(), e.labels.clone(), e.identity))
+                .collect::<Vec<_>>()
+        };
+        let given: Vec<_> = view(&inv)
+            .into_iter()
+            .map(|(s, l, id)| {
+                (
+                    EndpointSpec {
+                        identity: Some(id),
+                        ..s
+                    },
+                    l,
+                    id,
+                )
+            })
+            .collect();
+        assert_eq!(view(&back), given, "{doc}");
+        assert_eq!(back.namespaces().count(), 1);
+        assert_eq!(back.to_document(), doc, "rendering is stable");
+
+        let err = Inventory::from_yaml(
+            "- {name: a, labels: {app: x}, identity: 300}\n- {name: b, labels: {app: y}, identity: 300}\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`default/b`: identity 300 given to two label sets"),
+            "{err}"
         );
     }
 

@@ -6,12 +6,14 @@
 //! ([`objects`]: one policy document per object for `tollgate_policy::load::PolicySet`, pods and
 //! namespaces into a `tollgate_policy::endpoints::Inventory`), debounced into one recompile per
 //! burst of changes. [`status`] reports what was wrong (a `Valid` condition on TollgatePolicy,
-//! Events on the kinds we do not own), [`identity`] numbers label sets cluster-wide.
+//! Events on the kinds we do not own), [`identity`] numbers label sets cluster-wide, and
+//! [`node`] takes what one node enforces out of a snapshot (`tollgate up --kubernetes`).
 //!
 //! Tested against an in-process fake API server (`tests/kube_*.rs`); no real API server runs in
 //! this project's test environment.
 
 pub mod identity;
+pub mod node;
 pub mod objects;
 pub mod source;
 pub mod status;

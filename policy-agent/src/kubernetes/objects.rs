@@ -84,8 +84,15 @@ impl PolicyKind {
     /// `CiliumNetworkPolicy prod/api`, `CiliumClusterwideNetworkPolicy base`: the "file" of
     /// the object's diagnostics.
     pub fn source_name(&self, obj: &DynamicObject) -> String {
-        let name = obj.metadata.name.as_deref().unwrap_or("");
-        match (&obj.metadata.namespace, self.namespaced) {
+        self.source_name_of(
+            obj.metadata.namespace.as_deref(),
+            obj.metadata.name.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// [`PolicyKind::source_name`] of the object `namespace`/`name`.
+    pub fn source_name_of(&self, namespace: Option<&str>, name: &str) -> String {
+        match (namespace, self.namespaced) {
             (Some(ns), true) => format!("{} {ns}/{name}", self.kind),
             _ => format!("{} {name}", self.kind),
         }
@@ -139,6 +146,11 @@ pub fn document_text(kind: &PolicyKind, obj: &DynamicObject) -> String {
     serde_json::to_string_pretty(&policy_document(kind, obj)).unwrap_or_default()
 }
 
+/// A pod annotation naming the pod's host-side interface, for a node where the route to the
+/// pod's IP does not lead to it (a bridge CNI, say): `tollgate up --kubernetes` attaches there
+/// instead of where the route goes (see `super::node`).
+pub const INTERFACE_ANNOTATION: &str = "tollgate.io/interface";
+
 /// What the agent reads of a pod ([`endpoint_of`], [`build_inventory`]): everything else is
 /// dropped before the reflector stores it (`managedFields`, annotations, container images,
 /// env, volumes, conditions, container statuses…).
@@ -146,7 +158,11 @@ pub fn strip_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
     let m = &mut pod.metadata;
     m.managed_fields = None;
-    m.annotations = None;
+    m.annotations = m
+        .annotations
+        .take()
+        .and_then(|mut a| a.remove_entry(INTERFACE_ANNOTATION))
+        .map(|kv| BTreeMap::from([kv]));
     m.owner_references = None;
     if let Some(spec) = &mut pod.spec {
         *spec = PodSpec {
@@ -159,6 +175,7 @@ pub fn strip_pod(pod: &mut Pod) {
                 })
                 .collect(),
             host_network: spec.host_network,
+            node_name: spec.node_name.take(),
             service_account_name: spec.service_account_name.take(),
             ..Default::default()
         };
@@ -361,6 +378,18 @@ impl PolicyCache {
         self.generation
     }
 
+    /// Every object's source name (`Kind ns/name`) and document text, in the order of
+    /// [`PolicyCache::policy_set`]: what the agent serves to proxies as rule sets.
+    pub fn documents(&self) -> Vec<(String, Arc<str>)> {
+        self.by_object
+            .iter()
+            .map(|((kind, ns, name), c)| {
+                let source = kind.source_name_of(ns.as_deref(), name.as_deref().unwrap_or(""));
+                (source, c.text.clone())
+            })
+            .collect()
+    }
+
     /// Every object's rules, policies and problems, in a stable order.
     pub fn policy_set(&self) -> PolicySet {
         let mut out = PolicySet::default();
@@ -498,7 +527,15 @@ pub fn endpoint_of(pod: &Pod) -> Result<Result<EndpointSpec, PodSkip>, String> {
         ips,
         ports,
         service_account,
-        interface: None,
+        interface: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INTERFACE_ANNOTATION))
+            .filter(|i| !i.is_empty())
+            .cloned(),
+        node: spec.and_then(|s| s.node_name.clone()),
+        identity: None,
     }))
 }
 
@@ -741,7 +778,8 @@ mod tests {
     fn stripped_pods_give_the_same_endpoint_and_policies_keep_only_our_annotations() {
         let full = pod(serde_json::json!({
             "metadata": {"name": "api-1", "namespace": "prod", "labels": {"app": "api"},
-                         "annotations": {"big": "x"}, "managedFields": [{"manager": "k"}]},
+                         "annotations": {"big": "x", "tollgate.io/interface": "cali1"},
+                         "managedFields": [{"manager": "k"}]},
             "spec": {"serviceAccountName": "api", "nodeName": "n1", "containers": [{"name": "c",
                 "image": "img", "env": [{"name": "A", "value": "1"}],
                 "ports": [{"name": "http", "containerPort": 8080}]}]},
@@ -751,7 +789,17 @@ mod tests {
         let mut stripped = full.clone();
         strip_pod(&mut stripped);
         assert_eq!(endpoint_of(&stripped), endpoint_of(&full));
-        assert!(stripped.metadata.annotations.is_none());
+        let spec = endpoint_of(&stripped).unwrap().unwrap();
+        // What a node needs to find its pods and their interfaces stays.
+        assert_eq!(spec.node.as_deref(), Some("n1"));
+        assert_eq!(spec.interface.as_deref(), Some("cali1"));
+        assert_eq!(
+            stripped.metadata.annotations,
+            Some(BTreeMap::from([(
+                INTERFACE_ANNOTATION.to_string(),
+                "cali1".to_string()
+            )]))
+        );
         assert!(
             stripped.spec.as_ref().unwrap().containers[0]
                 .image

@@ -98,6 +98,9 @@ pub struct Snapshot {
     pub problems: Vec<String>,
     /// Policy kinds the cluster does not serve (not watched).
     pub not_served: Vec<&'static str>,
+    /// Each policy object's source name and document text, in load order (the rule sets a
+    /// proxy is served: `super::node::rule_sets`).
+    pub documents: Vec<(String, Arc<str>)>,
 }
 
 impl Snapshot {
@@ -511,6 +514,7 @@ impl Loop {
             inventory,
             problems,
             not_served: self.not_served.clone(),
+            documents: self.cache.documents(),
         }))
     }
 

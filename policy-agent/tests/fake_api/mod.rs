@@ -627,11 +627,22 @@ impl FakeApi {
 
     /// A fake that answers 404 for the kinds in `missing` (plurals).
     pub async fn start_serving(missing: &[&'static str]) -> FakeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeApi::serve(listener, missing)
+    }
+
+    /// A fake serving on `listener` (bound by the caller: in another network namespace, say,
+    /// for a process that runs there). Call from within a Tokio runtime.
+    pub fn start_on(listener: std::net::TcpListener) -> FakeApi {
+        listener.set_nonblocking(true).unwrap();
+        FakeApi::serve(tokio::net::TcpListener::from_std(listener).unwrap(), &[])
+    }
+
+    fn serve(listener: tokio::net::TcpListener, missing: &[&'static str]) -> FakeApi {
         let state = Arc::new(Mutex::new(State {
             missing: missing.to_vec(),
             ..State::default()
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -649,6 +660,18 @@ impl FakeApi {
             }
         });
         FakeApi { state, url, task }
+    }
+
+    /// Write a kubeconfig file pointing at this fake (no credentials: it asks for none).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u}}\ncurrent-context: c\n",
+                self.url
+            ),
+        )
+        .unwrap();
     }
 
     /// A client of this fake (plain HTTP).

@@ -367,6 +367,17 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name, source })
     }
 
+    /// The endpoint registered behind interface index `ifindex`, if any.
+    pub fn endpoint(&mut self, ifindex: u32) -> Result<Option<EndpointInfo>, DatapathError> {
+        let name = map_names::ENDPOINTS;
+        let map: HashMap<&mut MapData, u32, EndpointInfo> = self.map(name)?;
+        match map.get(&ifindex, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { name, source }),
+        }
+    }
+
     /// Removes the endpoint behind interface index `ifindex`.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         let name = map_names::ENDPOINTS;
