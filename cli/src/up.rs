@@ -32,7 +32,8 @@ use tollgate_proxy::audit::{AuditSink, Output};
 use tollgate_proxy::dns::{DnsListener, DnsOptions};
 use tollgate_proxy::fqdn::{FqdnCache, FqdnConfig, FqdnUpdate};
 use tollgate_proxy::metrics::Metrics;
-use tollgate_proxy::state::{Fingerprint, Sources, fingerprint};
+use tollgate_proxy::state::Sources;
+use tollgate_proxy::watch::FileWatch;
 use tollgate_proxy::{Listener, PolicyHandle, PolicyState, serve_listener};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -75,8 +76,8 @@ pub struct UpArgs {
     /// Serve Prometheus metrics (and `/fqdn`) on this address.
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// How often the files are checked for changes (milliseconds); with `--kubernetes`, how
-    /// often a local pod whose interface was not found is looked for again.
+    /// Fallback check of the files (milliseconds; inotify sees changes at once); with
+    /// `--kubernetes`, how often a local pod whose interface was not found is looked for again.
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
     /// Serve the policy as versioned rule sets to proxies on this Unix socket
@@ -124,12 +125,12 @@ pub(crate) trait Input {
     async fn next(&mut self) -> Result<Next>;
 }
 
-/// The policy files and the inventory file, polled.
+/// The policy files and the inventory file, watched ([`FileWatch`]: inotify, and a check
+/// every `--poll-ms` for what inotify cannot see).
 struct Files {
     policies: Vec<PathBuf>,
     endpoints: PathBuf,
-    poll: Duration,
-    seen: Fingerprint,
+    watch: FileWatch,
 }
 
 impl Files {
@@ -139,10 +140,13 @@ impl Files {
             .clone()
             .context("--endpoints is needed without --kubernetes")?;
         let files = Files {
-            seen: fingerprint(&args.policies, &endpoints),
+            watch: FileWatch::new(
+                &args.policies,
+                &endpoints,
+                Duration::from_millis(args.poll_ms.max(10)),
+            ),
             policies: args.policies.clone(),
             endpoints,
-            poll: Duration::from_millis(args.poll_ms.max(10)),
         };
         let first = files.load(Instant::now())?;
         Ok((files, first))
@@ -171,17 +175,11 @@ impl Input for Files {
     }
 
     async fn next(&mut self) -> Result<Next> {
-        loop {
-            tokio::time::sleep(self.poll).await;
-            let now = fingerprint(&self.policies, &self.endpoints);
-            if now != self.seen {
-                self.seen = now;
-                return Ok(match self.load(Instant::now()) {
-                    Ok(l) => Next::Apply(Box::new(l)),
-                    Err(e) => Next::Keep(e),
-                });
-            }
-        }
+        self.watch.changed().await;
+        Ok(match self.load(Instant::now()) {
+            Ok(l) => Next::Apply(Box::new(l)),
+            Err(e) => Next::Keep(e),
+        })
     }
 }
 

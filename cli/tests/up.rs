@@ -155,7 +155,7 @@ fn tollgate_up_enforces_policy_files_and_applies_changes_while_running() {
         "the server's ingress denial: {recs}"
     );
     eprintln!(
-        "policy change to enforcement (poll 200 ms; L3/L4 includes one 100 ms connect timeout): \
+        "policy change to enforcement (inotify; L3/L4 includes one 100 ms connect timeout): \
          L7 {l7_change:?}, L3/L4 {l3_change:?}\n{logged}"
     );
     assert!(l7_change < Duration::from_secs(3) && l3_change < Duration::from_secs(3));
