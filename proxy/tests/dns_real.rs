@@ -605,6 +605,19 @@ async fn link_to_stand_in(p: &Proxy, delay: Option<Duration>) -> (StandInAgent, 
     panic!("the FQDN link did not reach the stand-in agent in 5 s");
 }
 
+/// unbound on a free port and a proxy in front of it that holds an answer teaching new IPs for
+/// at most `max_hold` (the FQDN tests below).
+async fn proxy_to_unbound(max_hold: Duration) -> (Proxy, (Reaped, tempfile::TempDir)) {
+    let port = free_port();
+    let unbound = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        fqdn_max_hold: max_hold,
+        ..DnsOptions::default()
+    };
+    (start_proxy("127.0.0.1:0", up, opts).await, unbound)
+}
+
 /// `tollgate_proxy_fqdn_answers_total{outcome}` of `p`.
 fn fqdn_answers(p: &Proxy, outcome: &str) -> u64 {
     let series = format!("tollgate_proxy_fqdn_answers_total{{outcome=\"{outcome}\"}} ");
@@ -618,14 +631,7 @@ fn fqdn_answers(p: &Proxy, outcome: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_teaching_new_ips_waits_for_the_agent_and_other_queries_do_not() {
-    let port = free_port();
-    let (_unbound, _d) = unbound(port);
-    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let opts = DnsOptions {
-        fqdn_max_hold: Duration::from_secs(5),
-        ..DnsOptions::default()
-    };
-    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let (p, _unbound) = proxy_to_unbound(Duration::from_secs(5)).await;
     let ack_after = Duration::from_millis(800);
     let (agent, _dir) = link_to_stand_in(&p, Some(ack_after)).await;
     let client = Some("127.0.0.10");
@@ -686,14 +692,7 @@ async fn an_answer_teaching_new_ips_waits_for_the_agent_and_other_queries_do_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tcp_too_an_answer_teaching_a_new_ip_waits_for_the_agent() {
-    let port = free_port();
-    let (_unbound, _d) = unbound(port);
-    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let opts = DnsOptions {
-        fqdn_max_hold: Duration::from_secs(5),
-        ..DnsOptions::default()
-    };
-    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let (p, _unbound) = proxy_to_unbound(Duration::from_secs(5)).await;
     let ack_after = Duration::from_millis(500);
     let (_agent, _dir) = link_to_stand_in(&p, Some(ack_after)).await;
     let q = |name: &'static str| vec!["+tcp", "+tries=1", "+time=4", name, "AAAA"];
@@ -716,14 +715,7 @@ async fn over_tcp_too_an_answer_teaching_a_new_ip_waits_for_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_agent_s_ack_the_answer_goes_out_at_the_hold_limit_and_is_counted() {
-    let port = free_port();
-    let (_unbound, _d) = unbound(port);
-    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let opts = DnsOptions {
-        fqdn_max_hold: Duration::from_millis(150),
-        ..DnsOptions::default()
-    };
-    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    let (p, _unbound) = proxy_to_unbound(Duration::from_millis(150)).await;
     let (_agent, _dir) = link_to_stand_in(&p, None).await;
     let t = Instant::now();
     let d = dig_async(
