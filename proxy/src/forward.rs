@@ -662,8 +662,9 @@ async fn forward(
     }
     parts.uri = uri;
     let result = if dedicated {
+        let sequential = parts.version != Version::HTTP_2;
         parts.version = Version::HTTP_11;
-        send_dedicated(conn, Request::from_parts(parts, body)).await
+        send_dedicated(conn, Request::from_parts(parts, body), sequential).await
     } else {
         let client = if grpc {
             parts.version = Version::HTTP_2;
@@ -711,17 +712,26 @@ type UpstreamH1 = hyper::client::conn::http1::SendRequest<Incoming>;
 const MAX_IDLE_UPSTREAM_PER_CONNECTION: usize = 16;
 
 /// Send on one of the connection's own upstream HTTP/1 connections: a free one (its last
-/// response complete), else a new one.
-async fn send_dedicated(conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>> {
+/// response complete), else a new one. A `sequential` (HTTP/1) downstream waits for its one
+/// upstream connection instead: its previous response has been sent, and the upstream
+/// connection's task may just not have marked itself free yet — opening another connection
+/// then cost a connect per request (found by bench/http/run.sh: h1 0.71× HAProxy).
+async fn send_dedicated(
+    conn: &Conn,
+    req: Request<Incoming>,
+    sequential: bool,
+) -> Result<Response<Incoming>> {
     let free = {
         let mut idle = conn
             .upstream_h1
             .lock()
             .map_err(|_| anyhow::anyhow!("upstream connections poisoned"))?;
         idle.retain(|s| !s.is_closed());
-        idle.iter()
-            .position(|s| s.is_ready())
-            .map(|i| idle.swap_remove(i))
+        match idle.iter().position(|s| s.is_ready()) {
+            Some(i) => Some(idle.swap_remove(i)),
+            None if sequential => idle.pop(),
+            None => None,
+        }
     };
     let mut sender = match free {
         Some(s) => s,
