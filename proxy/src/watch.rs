@@ -33,6 +33,9 @@ pub struct FileWatch {
     endpoints: PathBuf,
     seen: Fingerprint,
     poll: Duration,
+    /// When the fallback check is due. Kept across calls, so a caller that drops
+    /// [`FileWatch::changed`] (a `select!` with its own timer) does not postpone it forever.
+    next_poll: tokio::time::Instant,
     inotify: Option<Inotify>,
 }
 
@@ -60,6 +63,7 @@ impl FileWatch {
             endpoints: endpoints.to_path_buf(),
             seen: fingerprint(policies, endpoints),
             poll,
+            next_poll: tokio::time::Instant::now() + poll,
             inotify,
         }
     }
@@ -84,10 +88,13 @@ impl FileWatch {
                                 self.inotify = None;
                             }
                         }
-                        _ = tokio::time::sleep(self.poll) => {}
+                        _ = tokio::time::sleep_until(self.next_poll) => {}
                     }
                 }
-                None => tokio::time::sleep(self.poll).await,
+                None => tokio::time::sleep_until(self.next_poll).await,
+            }
+            if tokio::time::Instant::now() >= self.next_poll {
+                self.next_poll = tokio::time::Instant::now() + self.poll;
             }
             // New subdirectories of a watched policy directory get their own watch.
             if let Some(i) = &mut self.inotify {
@@ -287,18 +294,20 @@ mod tests {
         writer.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn an_unrelated_file_in_the_same_directory_does_not_count_as_a_change() {
+    /// A directory with one policy file and the inventory, watched with fallback `poll`.
+    fn one_file(poll: Duration) -> (tempfile::TempDir, PathBuf, FileWatch) {
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("p.yaml");
         let endpoints = dir.path().join("endpoints.yaml");
         write(&policy, "a: 1\n");
         write(&endpoints, "endpoints: []\n");
-        let mut w = FileWatch::new(
-            std::slice::from_ref(&policy),
-            &endpoints,
-            Duration::from_secs(3600),
-        );
+        let w = FileWatch::new(std::slice::from_ref(&policy), &endpoints, poll);
+        (dir, policy, w)
+    }
+
+    #[tokio::test]
+    async fn an_unrelated_file_in_the_same_directory_does_not_count_as_a_change() {
+        let (dir, policy, mut w) = one_file(Duration::from_secs(3600));
         std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(300), w.changed())
@@ -314,20 +323,31 @@ mod tests {
 
     #[tokio::test]
     async fn without_inotify_the_poll_still_sees_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let policy = dir.path().join("p.yaml");
-        let endpoints = dir.path().join("endpoints.yaml");
-        write(&policy, "a: 1\n");
-        write(&endpoints, "endpoints: []\n");
-        let mut w = FileWatch::new(
-            std::slice::from_ref(&policy),
-            &endpoints,
-            Duration::from_millis(20),
-        );
+        let (_dir, policy, mut w) = one_file(Duration::from_millis(20));
         w.inotify = None;
         write(&policy, "a: 22\n");
         tokio::time::timeout(Duration::from_secs(5), w.changed())
             .await
             .expect("seen by the poll");
+    }
+
+    #[tokio::test]
+    async fn a_caller_timing_out_sooner_than_the_poll_still_gets_the_poll() {
+        // As `tollgate proxy` does: `changed()` inside a select with a shorter timer. The
+        // check is due at a fixed time, so dropping the future does not push it back.
+        let (_dir, policy, mut w) = one_file(Duration::from_millis(100));
+        w.inotify = None;
+        write(&policy, "a: 333\n");
+        let mut seen = false;
+        for _ in 0..20 {
+            if tokio::time::timeout(Duration::from_millis(60), w.changed())
+                .await
+                .is_ok()
+            {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "the fallback check never ran");
     }
 }
