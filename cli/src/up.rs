@@ -5,8 +5,8 @@
 //!
 //! Start: load and compile the policy, write the kernel maps and attach the TC programs, install
 //! the redirect routing, start the proxy's transparent listeners (L7 and DNS) on the ports the
-//! redirect entries name. Then follow the input ([`Input`]: the files, polled by size and
-//! mtime, or the Kubernetes source's snapshots): on a change, reload and recompile; a policy
+//! redirect entries name. Then follow the input ([`Input`]: the files, watched with inotify
+//! and a fallback check of size and mtime, or the Kubernetes source's snapshots): on a change, reload and recompile; a policy
 //! that does not load keeps the last good one in force (and says why); a good one is written to
 //! the kernel as a diff and swapped into the proxy atomically (and published to proxies as rule
 //! sets with `--rule-socket`). Each applied change is logged with its revision and how long it
