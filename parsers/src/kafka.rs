@@ -1288,7 +1288,23 @@ impl Request {
         .map_err(|e| fail(e.to_string()))?;
         let size = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&size.to_be_bytes());
-        Ok(buf.to_vec())
+        // The broker must read exactly what was judged. kafka-protocol does not re-encode
+        // every request it decodes faithfully (an unknown tagged field with a tag above
+        // i32::MAX is counted but not written, found by fuzzing), so the edited frame is read
+        // back and refused unless it decodes to the same body.
+        let frame = Bytes::from(buf);
+        let same = match (&self.body, decode_request(frame.slice(4..)).map(|r| r.body)) {
+            (Body::Produce(a), Ok(Body::Produce(b))) => *a == b,
+            (Body::Metadata(a), Ok(Body::Metadata(b))) => *a == b,
+            _ => false,
+        };
+        if !same {
+            return Err(fail(
+                "the edited request does not read back as written (malformed tagged fields?)"
+                    .into(),
+            ));
+        }
+        Ok(frame.to_vec())
     }
 }
 
