@@ -150,10 +150,10 @@ impl Verdict {
     }
 
     fn by(mut self, c: &Candidate, rule: Option<String>) -> Verdict {
-        self.policy = Some(c.policy.id.clone());
+        self.policy = Some(c.rule.policy.id.clone());
         self.rule = rule;
-        self.enforcement = c.enforcement;
-        self.log = c.log.clone();
+        self.enforcement = c.enforcement();
+        self.log = c.rule.log.clone();
         self
     }
 
@@ -179,19 +179,50 @@ impl Verdict {
     }
 }
 
-/// One entry of a rule, relevant to a port: everything needed to decide without the rule.
+/// One entry of a rule (and one of its port rules), relevant to a port: a handle on the shared
+/// compiled rule plus positions in it, so that gathering a port's candidates copies no
+/// selectors, paths or L7 rules (at 10,000 policies this copying was most of a recompile).
 #[derive(Debug, Clone)]
 struct Candidate {
-    policy: Arc<PolicyMeta>,
-    enforcement: Enforcement,
-    log: Option<String>,
+    rule: CompiledRule,
+    direction: Direction,
+    /// From the rule's deny list (else its allow list).
     deny: bool,
-    entry_path: String,
-    peer: PeerMatch,
+    entry: usize,
     /// `None`: an L3-only entry (every port).
-    port_rule: Option<PortRule>,
+    port_index: Option<usize>,
     /// From a default-allow rule: its L7 rules only observe (§6.7).
     visibility_only: bool,
+    /// Index into [`PortPolicy::peer_groups`]: candidates with equal peers share one.
+    peer_group: usize,
+}
+
+impl Candidate {
+    fn entry(&self) -> &Entry {
+        let d = self.rule.direction(self.direction);
+        if self.deny {
+            &d.deny[self.entry]
+        } else {
+            &d.allow[self.entry]
+        }
+    }
+
+    fn peer(&self) -> &PeerMatch {
+        &self.entry().peer
+    }
+
+    fn port_rule(&self) -> Option<&PortRule> {
+        let i = self.port_index?;
+        self.entry().ports.as_ref().map(|prs| &prs[i])
+    }
+
+    fn entry_path(&self) -> &str {
+        &self.entry().path
+    }
+
+    fn enforcement(&self) -> Enforcement {
+        self.rule.enforcement
+    }
 }
 
 /// Rules that made a direction enforced / default-deny, per layer.
@@ -210,6 +241,10 @@ pub struct PortPolicy {
     local_named_ports: Vec<(String, u16)>,
     local_is_host: bool,
     candidates: Vec<Candidate>,
+    /// One candidate index per distinct peer among the candidates. Many rules on one port
+    /// often name the same peer (200 policies allowing `app=web` to `app=api`): a remote is
+    /// matched against each distinct peer once, not once per candidate.
+    peer_groups: Vec<usize>,
     /// [enforce only, enforce + audit]
     layers: [LayerInfo; 2],
     has_audit: bool,
@@ -326,6 +361,7 @@ impl Evaluator {
             local_named_ports: local.named_ports.to_vec(),
             local_is_host: local.is_host,
             candidates: Vec::new(),
+            peer_groups: Vec::new(),
             layers: Default::default(),
             has_audit: false,
         };
@@ -352,11 +388,12 @@ impl Evaluator {
             }
             let visibility_only = !d.default_deny;
             for (deny, entries) in [(true, &d.deny), (false, &d.allow)] {
-                for e in entries {
+                for e in entries.iter().enumerate() {
                     pp.add_entry(rule, e, deny, visibility_only);
                 }
             }
         }
+        pp.group_peers();
         pp
     }
 
@@ -376,21 +413,26 @@ impl Evaluator {
 }
 
 impl PortPolicy {
-    fn add_entry(&mut self, rule: &CompiledRule, e: &Entry, deny: bool, visibility_only: bool) {
+    fn add_entry(
+        &mut self,
+        rule: &CompiledRule,
+        (entry, e): (usize, &Entry),
+        deny: bool,
+        visibility_only: bool,
+    ) {
         let base = Candidate {
-            policy: rule.policy.clone(),
-            enforcement: rule.enforcement,
-            log: rule.log.clone(),
+            rule: rule.clone(),
+            direction: self.direction,
             deny,
-            entry_path: e.path.clone(),
-            peer: e.peer.clone(),
-            port_rule: None,
+            entry,
+            port_index: None,
             visibility_only,
+            peer_group: 0,
         };
         match &e.ports {
             None => self.candidates.push(base),
             Some(prs) => {
-                for pr in prs {
+                for (i, pr) in prs.iter().enumerate() {
                     // Numeric ports can be checked now; named ports need the peer (egress).
                     let maybe = pr.ports.is_empty()
                         || pr
@@ -399,13 +441,61 @@ impl PortPolicy {
                             .any(|p| p.matches(self.port, self.protocol, &|_| Some(self.port)));
                     if maybe {
                         self.candidates.push(Candidate {
-                            port_rule: Some(pr.clone()),
+                            port_index: Some(i),
                             ..base.clone()
                         });
                     }
                 }
             }
         }
+    }
+
+    /// Fill [`PortPolicy::peer_groups`]: equal label-selector peers (and `Any`, `Nothing`)
+    /// share a group; other peers (CIDRs, entities, FQDNs) get one each.
+    fn group_peers(&mut self) {
+        use std::hash::{Hash, Hasher};
+        let mut by_key: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+        self.peer_groups.clear();
+        for i in 0..self.candidates.len() {
+            let peer = self.candidates[i].peer();
+            let key = match peer {
+                PeerMatch::Any => Some(0),
+                PeerMatch::Nothing => Some(1),
+                PeerMatch::Endpoints(sels) => {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    sels.hash(&mut h);
+                    Some(h.finish() | 2)
+                }
+                _ => None,
+            };
+            let found = key.and_then(|k| {
+                by_key
+                    .get(&k)?
+                    .iter()
+                    .copied()
+                    .find(|&g| same_peer(self.candidates[self.peer_groups[g]].peer(), peer))
+            });
+            let group = match found {
+                Some(g) => g,
+                None => {
+                    self.peer_groups.push(i);
+                    let g = self.peer_groups.len() - 1;
+                    if let Some(k) = key {
+                        by_key.entry(k).or_default().push(g);
+                    }
+                    g
+                }
+            };
+            self.candidates[i].peer_group = group;
+        }
+    }
+
+    /// Which peer groups `remote` matches.
+    fn peers_matching(&self, remote: &Remote) -> Vec<bool> {
+        self.peer_groups
+            .iter()
+            .map(|&rep| self.candidates[rep].peer().matches(remote))
+            .collect()
     }
 
     /// True when some entry on this port carries L7 rules (the flow goes through the proxy).
@@ -416,7 +506,7 @@ impl PortPolicy {
         let nobody = Remote::world(None, vec![]);
         self.candidates.iter().any(|c| {
             (self.direction == Direction::Egress || self.port_matches(c, &nobody))
-                && c.port_rule
+                && c.port_rule()
                     .as_ref()
                     .is_some_and(|p| !matches!(p.l7, L7::None))
         })
@@ -432,7 +522,7 @@ impl PortPolicy {
             self.candidates
                 .iter()
                 .filter(|c| self.port_matches(c, remote))
-                .filter_map(|c| c.port_rule.as_ref())
+                .filter_map(|c| c.port_rule())
         };
         if rules().any(|p| matches!(p.l7, L7::Dns(_))) {
             return Some("dns");
@@ -450,24 +540,26 @@ impl PortPolicy {
         (self.direction == Direction::Ingress
             && remote.kind == RemoteKind::Host
             && !self.local_is_host)
-            || self
-                .candidates
-                .iter()
-                .any(|c| c.peer.matches(remote) && self.port_matches(c, remote))
+            || {
+                let peers = self.peers_matching(remote);
+                self.candidates
+                    .iter()
+                    .any(|c| peers[c.peer_group] && self.port_matches(c, remote))
+            }
     }
 
     /// True when some entry on this port has a `serverNames` allow-list (the proxy must read
     /// the TLS ClientHello before deciding).
     pub fn has_server_names(&self) -> bool {
         self.candidates.iter().any(|c| {
-            c.port_rule
+            c.port_rule()
                 .as_ref()
                 .is_some_and(|p| !p.server_names.is_empty())
         })
     }
 
     fn port_matches(&self, c: &Candidate, remote: &Remote) -> bool {
-        let Some(pr) = &c.port_rule else { return true };
+        let Some(pr) = c.port_rule() else { return true };
         let named_ports = match self.direction {
             Direction::Ingress => &self.local_named_ports,
             Direction::Egress => &remote.named_ports,
@@ -482,7 +574,7 @@ impl PortPolicy {
     }
 
     fn sni_matches(c: &Candidate, request: Option<&L7Request<'_>>) -> bool {
-        let Some(pr) = &c.port_rule else { return true };
+        let Some(pr) = c.port_rule() else { return true };
         if pr.server_names.is_empty() {
             return true;
         }
@@ -521,19 +613,19 @@ impl PortPolicy {
         if !info.enforced {
             return Verdict::new(Decision::Allow, Reason::NotEnforced, dir);
         }
-        let in_layer = |c: &&Candidate| layer == 1 || c.enforcement == Enforcement::Enforce;
+        let in_layer = |c: &&Candidate| layer == 1 || c.enforcement() == Enforcement::Enforce;
+        let peers = self.peers_matching(remote);
         let matching: Vec<&Candidate> = self
             .candidates
             .iter()
             .filter(in_layer)
-            .filter(|c| c.peer.matches(remote) && self.port_matches(c, remote))
+            .filter(|c| peers[c.peer_group] && self.port_matches(c, remote))
             .collect();
         if let Some(c) = matching.iter().find(|c| c.deny) {
             let path = c
-                .port_rule
-                .as_ref()
+                .port_rule()
                 .map(|p| p.path.clone())
-                .unwrap_or_else(|| c.entry_path.clone());
+                .unwrap_or_else(|| c.entry_path().to_string());
             return Verdict::new(Decision::Deny, Reason::DenyRule, dir).by(c, Some(path));
         }
         if dir == Direction::Ingress && remote.kind == RemoteKind::Host && !self.local_is_host {
@@ -615,16 +707,25 @@ impl PortPolicy {
             return v;
         }
         let c = most_specific(allows);
-        let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
+        let path = c.port_rule().map(|p| format!("{}.rules", p.path));
         Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path)
     }
 }
 
+/// Peers that match exactly the same remotes because they are written the same.
+fn same_peer(a: &PeerMatch, b: &PeerMatch) -> bool {
+    match (a, b) {
+        (PeerMatch::Any, PeerMatch::Any) | (PeerMatch::Nothing, PeerMatch::Nothing) => true,
+        (PeerMatch::Endpoints(x), PeerMatch::Endpoints(y)) => x == y,
+        _ => false,
+    }
+}
+
 fn l4_path(c: &Candidate) -> String {
-    c.port_rule
+    c.port_rule()
         .as_ref()
         .map(|p| p.path.clone())
-        .unwrap_or_else(|| c.entry_path.clone())
+        .unwrap_or_else(|| c.entry_path().to_string())
 }
 
 /// Can this entry allow anything? L7 deny rules never grant: an entry whose L7 rules are all
@@ -660,12 +761,12 @@ fn l7_deny(applicable: &[&Candidate], request: &L7Request<'_>, dir: Direction) -
 fn most_specific<'a>(allows: &[&'a Candidate]) -> &'a Candidate {
     allows
         .iter()
-        .find(|c| !matches!(c.peer, PeerMatch::Any))
+        .find(|c| !matches!(c.peer(), PeerMatch::Any))
         .unwrap_or(&allows[0])
 }
 
 fn l7_of(c: &Candidate) -> &L7 {
-    c.port_rule.as_ref().map(|p| &p.l7).unwrap_or(&L7::None)
+    c.port_rule().map(|p| &p.l7).unwrap_or(&L7::None)
 }
 
 /// Run the rules of `l7` that understand `request`; push matching rule indices into `hits` and
@@ -709,7 +810,7 @@ fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction
     for c in allows {
         if let Some(PortRule {
             l7: L7::Kafka(l), ..
-        }) = &c.port_rule
+        }) = c.port_rule()
         {
             for (i, r) in l.set.rules().iter().enumerate() {
                 compiled.push(r);
@@ -726,7 +827,7 @@ fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction
         return Verdict::new(Decision::Allow, Reason::L7Allow, dir).by(c, path);
     }
     let c = most_specific(allows);
-    let path = c.port_rule.as_ref().map(|p| format!("{}.rules", p.path));
+    let path = c.port_rule().map(|p| format!("{}.rules", p.path));
     let mut v = Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path);
     v.denied_topics = out.uncovered_topics.iter().map(|t| t.to_string()).collect();
     v

@@ -87,7 +87,7 @@ impl fmt::Display for LabelSet {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Operator {
     In(Vec<String>),
     NotIn(Vec<String>),
@@ -96,7 +96,7 @@ pub enum Operator {
 }
 
 /// One requirement of a compiled selector. `source: None` is Cilium's `any:` source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Requirement {
     pub source: Option<String>,
     pub key: String,
@@ -120,7 +120,7 @@ impl Requirement {
 }
 
 /// A compiled label selector: all requirements ANDed; no requirement selects everything.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Selector {
     pub requirements: Vec<Requirement>,
 }

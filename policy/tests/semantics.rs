@@ -295,3 +295,57 @@ spec:
         Decision::Deny
     );
 }
+
+#[test]
+fn rules_naming_the_same_peer_are_judged_together_and_apart_from_other_peers() {
+    // The port policy matches each distinct peer once (peer groups); entries with an equal
+    // selector, a selector listed in another order, a different selector and a deny for one
+    // of them must still each decide for their own peers.
+    let eval = evaluator(
+        r#"
+apiVersion: tollgate.io/v1alpha1
+kind: TollgatePolicy
+metadata: {name: api, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/a"}]}
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/b"}]}
+  - fromEndpoints: [{matchLabels: {app: admin}}, {matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/shared"}]}
+  - fromEndpoints: [{matchLabels: {app: admin}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/c"}, {path: "/b", action: deny}]}
+"#,
+    );
+    for (from, path, want) in [
+        ("web", "/a", Decision::Allow),
+        ("web", "/b", Decision::Allow),
+        ("web", "/c", Decision::Deny),
+        ("web", "/shared", Decision::Allow),
+        ("admin", "/a", Decision::Deny),
+        ("admin", "/b", Decision::Deny),
+        ("admin", "/c", Decision::Allow),
+        ("admin", "/shared", Decision::Allow),
+    ] {
+        assert_eq!(
+            http(&eval, from, "GET", path).decision,
+            want,
+            "{from} GET {path}"
+        );
+    }
+    let b = http(&eval, "web", "GET", "/b");
+    assert_eq!(
+        b.deciding.rule_ref().as_deref(),
+        Some("prod/api spec.ingress[1].toPorts[0].rules.http[0]")
+    );
+}
