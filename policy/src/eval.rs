@@ -490,12 +490,16 @@ impl PortPolicy {
         }
     }
 
-    /// Which peer groups `remote` matches.
-    fn peers_matching(&self, remote: &Remote) -> Vec<bool> {
-        self.peer_groups
-            .iter()
-            .map(|&rep| self.candidates[rep].peer().matches(remote))
-            .collect()
+    /// Whether `remote` matches candidate `c`'s peer, matching each peer group at most once
+    /// per remote (`memo`).
+    fn peer_matches(&self, memo: &mut PeerMemo, c: &Candidate, remote: &Remote) -> bool {
+        let g = c.peer_group;
+        if let Some(known) = memo.get(g) {
+            return known;
+        }
+        let m = self.candidates[self.peer_groups[g]].peer().matches(remote);
+        memo.set(g, m);
+        m
     }
 
     /// True when some entry on this port carries L7 rules (the flow goes through the proxy).
@@ -541,10 +545,10 @@ impl PortPolicy {
             && remote.kind == RemoteKind::Host
             && !self.local_is_host)
             || {
-                let peers = self.peers_matching(remote);
+                let memo = &mut PeerMemo::new(self.peer_groups.len());
                 self.candidates
                     .iter()
-                    .any(|c| peers[c.peer_group] && self.port_matches(c, remote))
+                    .any(|c| self.peer_matches(memo, c, remote) && self.port_matches(c, remote))
             }
     }
 
@@ -614,12 +618,12 @@ impl PortPolicy {
             return Verdict::new(Decision::Allow, Reason::NotEnforced, dir);
         }
         let in_layer = |c: &&Candidate| layer == 1 || c.enforcement() == Enforcement::Enforce;
-        let peers = self.peers_matching(remote);
+        let memo = &mut PeerMemo::new(self.peer_groups.len());
         let matching: Vec<&Candidate> = self
             .candidates
             .iter()
             .filter(in_layer)
-            .filter(|c| peers[c.peer_group] && self.port_matches(c, remote))
+            .filter(|c| self.peer_matches(memo, c, remote) && self.port_matches(c, remote))
             .collect();
         if let Some(c) = matching.iter().find(|c| c.deny) {
             let path = c
@@ -709,6 +713,45 @@ impl PortPolicy {
         let c = most_specific(allows);
         let path = c.port_rule().map(|p| format!("{}.rules", p.path));
         Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path)
+    }
+}
+
+/// Peer-group match results for one remote, filled lazily: bit sets for the usual handful of
+/// groups (no allocation per evaluated flow), a vector beyond 64.
+enum PeerMemo {
+    Small { known: u64, matched: u64 },
+    Large(Vec<Option<bool>>),
+}
+
+impl PeerMemo {
+    fn new(groups: usize) -> PeerMemo {
+        if groups <= 64 {
+            PeerMemo::Small {
+                known: 0,
+                matched: 0,
+            }
+        } else {
+            PeerMemo::Large(vec![None; groups])
+        }
+    }
+
+    fn get(&self, g: usize) -> Option<bool> {
+        match self {
+            PeerMemo::Small { known, matched } => {
+                (known >> g & 1 == 1).then_some(matched >> g & 1 == 1)
+            }
+            PeerMemo::Large(v) => v[g],
+        }
+    }
+
+    fn set(&mut self, g: usize, m: bool) {
+        match self {
+            PeerMemo::Small { known, matched } => {
+                *known |= 1 << g;
+                *matched |= (m as u64) << g;
+            }
+            PeerMemo::Large(v) => v[g] = Some(m),
+        }
     }
 }
 
@@ -831,4 +874,27 @@ fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction
     let mut v = Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path);
     v.denied_topics = out.uncovered_topics.iter().map(|t| t.to_string()).collect();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerMemo;
+
+    #[test]
+    fn the_peer_memo_remembers_each_group_for_small_and_large_policies() {
+        for groups in [1, 64, 65, 300] {
+            let mut memo = PeerMemo::new(groups);
+            assert!(matches!(memo, PeerMemo::Small { .. }) == (groups <= 64));
+            for g in 0..groups {
+                assert_eq!(memo.get(g), None, "{groups} groups: {g} unknown at first");
+            }
+            for g in (0..groups).step_by(3) {
+                memo.set(g, g % 2 == 0);
+            }
+            for g in 0..groups {
+                let want = (g % 3 == 0).then_some(g % 2 == 0);
+                assert_eq!(memo.get(g), want, "{groups} groups: group {g}");
+            }
+        }
+    }
 }
