@@ -176,7 +176,8 @@ fn named_ports(
 
 /// An endpoint whose ingress has L7 rules: its rules, and the ports they are on.
 struct IngressL7 {
-    rules: Evaluator,
+    /// The rules selecting this identity's endpoints, in rule order.
+    rules: Vec<CompiledRule>,
     labels: tollgate_policy::labels::LabelSet,
     named: Vec<(String, u16)>,
     ports: BTreeSet<u16>,
@@ -202,7 +203,13 @@ impl IngressL7 {
             is_host: false,
             named_ports: &self.named,
         };
-        let pp = Box::new(self.rules.port_policy(&local, Direction::Ingress, port, p));
+        let pp = Box::new(Evaluator::port_policy_of(
+            &self.rules,
+            &local,
+            Direction::Ingress,
+            port,
+            p,
+        ));
         let v = std::rc::Rc::new(Verdicts::new(pp, ports));
         self.cache.borrow_mut().insert((port, p), v.clone());
         v
@@ -404,12 +411,13 @@ pub fn compile_local(
             is_host: false,
             named_ports: &named,
         };
-        let ports = l7_ports(eval.rules_selecting(&local), &named);
+        let selecting: Vec<CompiledRule> = eval.rules_selecting(&local).cloned().collect();
+        let ports = l7_ports(selecting.iter(), &named);
         if !ports.is_empty() {
             ingress_l7.insert(
                 ep.identity,
                 IngressL7 {
-                    rules: Evaluator::new(eval.rules_selecting(&local).cloned().collect()),
+                    rules: selecting,
                     labels: ep.labels.clone(),
                     named,
                     ports,
@@ -429,9 +437,11 @@ pub fn compile_local(
             is_host: false,
             named_ports: &named,
         };
+        // Selected once; every port policy of this endpoint is built from these.
         let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
-        // Port policies are built from the rules that select this endpoint only.
-        let eval = &Evaluator::new(selecting.iter().map(|r| (*r).clone()).collect());
+        let port_policy = |dir, port, p| {
+            Evaluator::port_policy_of(selecting.iter().copied(), &local, dir, port, p)
+        };
         let who = format!("{}/{}", ep.spec.namespace, ep.spec.name);
         let mut flags = 0;
         for (dir, kdir, flag) in [
@@ -450,8 +460,7 @@ pub fn compile_local(
             let me = Remote::endpoint(ep);
             // A port no rule names stands for all of them.
             let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
-            let pp_other =
-                [Protocol::Tcp, Protocol::Udp].map(|p| eval.port_policy(&local, dir, other, p));
+            let pp_other = [Protocol::Tcp, Protocol::Udp].map(|p| port_policy(dir, other, p));
             let unknown = Remote::reserved(RemoteKind::Unmanaged);
             let default = if pp_other[0].evaluate(&unknown, None).decision == Decision::Allow {
                 verdict::ALLOW
@@ -485,7 +494,7 @@ pub fn compile_local(
             }
             for port in &mentioned {
                 for p in [Protocol::Tcp, Protocol::Udp] {
-                    let pp = eval.port_policy(&local, dir, *port, p);
+                    let pp = port_policy(dir, *port, p);
                     let vs = Verdicts::new(&pp, ports);
                     for k in &known {
                         let v = vs.of(&k.remote);
@@ -511,10 +520,7 @@ pub fn compile_local(
                             let mine = mine_cache
                                 .entry((*port, p))
                                 .or_insert_with(|| {
-                                    Verdicts::new(
-                                        Box::new(eval.port_policy(&local, dir, *port, p)),
-                                        ports,
-                                    )
+                                    Verdicts::new(Box::new(port_policy(dir, *port, p)), ports)
                                 })
                                 .of(&k.remote);
                             if mine.0 == verdict::DENY {

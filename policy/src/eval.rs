@@ -354,6 +354,25 @@ impl Evaluator {
         port: u16,
         protocol: Protocol,
     ) -> PortPolicy {
+        Self::port_policy_of(
+            self.rules_selecting(local),
+            local,
+            direction,
+            port,
+            protocol,
+        )
+    }
+
+    /// [`Evaluator::port_policy`] from rules the caller already knows select `local` (in rule
+    /// order, as [`Evaluator::rules_selecting`] gives them): the agent compiles many ports of
+    /// one endpoint and selects its rules once.
+    pub fn port_policy_of<'r>(
+        selecting: impl IntoIterator<Item = &'r CompiledRule>,
+        local: &Local<'_>,
+        direction: Direction,
+        port: u16,
+        protocol: Protocol,
+    ) -> PortPolicy {
         let mut pp = PortPolicy {
             direction,
             port,
@@ -365,7 +384,7 @@ impl Evaluator {
             layers: Default::default(),
             has_audit: false,
         };
-        for rule in self.rules_selecting(local) {
+        for rule in selecting {
             let d = rule.direction(direction);
             if !d.enforced {
                 continue;
