@@ -23,7 +23,9 @@ use tollgate_agent::apply::{Updated, apply, update};
 use tollgate_agent::kubernetes::node::attached_here;
 use tollgate_agent::learned::{Change, LOCAL, LearnedBook, LearnedServer, LearnedSink};
 use tollgate_agent::metrics::{AgentMetrics, Applied};
-use tollgate_agent::plan::{FIRST_FQDN_IDENTITY, LearnedIp, Plan, ProxyPorts, compile_local};
+use tollgate_agent::plan::{
+    FIRST_FQDN_IDENTITY, LearnedIp, Plan, PlanCache, ProxyPorts, compile_local_cached,
+};
 use tollgate_agent::rulesets::RuleSetServer;
 use tollgate_api::v1::RuleSet;
 use tollgate_datapath::{Datapath, DatapathOptions, RedirectRouting};
@@ -194,13 +196,21 @@ struct Agent {
     ports: ProxyPorts,
     /// The node whose endpoints are attached (`None`: all of them).
     node: Option<String>,
+    /// What the last compile can lend the next: endpoints whose inputs did not change.
+    cache: PlanCache,
 }
 
 impl Agent {
     /// Recompile `state` with the learned IPs and write the difference to the kernel.
     fn converge(&mut self, state: Arc<PolicyState>) -> Result<Updated> {
         let learned = self.learned.learned();
-        let plan = compile_here(&state, self.ports, &learned, self.node.as_deref());
+        let plan = compile_here(
+            &state,
+            self.ports,
+            &learned,
+            self.node.as_deref(),
+            &mut self.cache,
+        );
         for w in &plan.warnings {
             eprintln!("tollgate up: warning: {w}");
         }
@@ -324,9 +334,17 @@ fn compile_here(
     ports: ProxyPorts,
     learned: &[LearnedIp],
     node: Option<&str>,
+    cache: &mut PlanCache,
 ) -> Plan {
     let local = |ep: &Endpoint| node.is_none_or(|n| attached_here(n, ep));
-    compile_local(&state.evaluator, &state.inventory, ports, learned, &local)
+    compile_local_cached(
+        &state.evaluator,
+        &state.inventory,
+        ports,
+        learned,
+        &local,
+        cache,
+    )
 }
 
 pub fn run(args: &UpArgs) -> Result<bool> {
@@ -362,7 +380,8 @@ async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()>
         dns: args.dns_port,
     };
     let node = input.node();
-    let plan = compile_here(&state, ports, &[], node.as_deref());
+    let mut cache = PlanCache::default();
+    let plan = compile_here(&state, ports, &[], node.as_deref(), &mut cache);
     for w in &plan.warnings {
         eprintln!("tollgate up: warning: {w}");
     }
@@ -394,6 +413,7 @@ async fn serve(args: UpArgs, mut input: impl Input, first: Loaded) -> Result<()>
         learned: LearnedBook::new(FIRST_FQDN_IDENTITY),
         ports,
         node,
+        cache,
     }));
     {
         let agent = agent.clone();

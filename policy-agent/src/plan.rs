@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tollgate_datapath_common::{
@@ -184,9 +185,8 @@ struct IngressL7 {
     cache: VerdictCache,
 }
 
-type VerdictCache = std::cell::RefCell<
-    std::collections::HashMap<(u16, Protocol), std::rc::Rc<Verdicts<Box<PortPolicy>>>>,
->;
+type VerdictCache =
+    std::sync::Mutex<std::collections::HashMap<(u16, Protocol), Arc<Verdicts<Box<PortPolicy>>>>>;
 
 impl IngressL7 {
     fn verdicts(
@@ -194,8 +194,9 @@ impl IngressL7 {
         port: u16,
         p: Protocol,
         ports: ProxyPorts,
-    ) -> std::rc::Rc<Verdicts<Box<PortPolicy>>> {
-        if let Some(v) = self.cache.borrow().get(&(port, p)) {
+    ) -> Arc<Verdicts<Box<PortPolicy>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = cache.get(&(port, p)) {
             return v.clone();
         }
         let local = Local {
@@ -210,8 +211,8 @@ impl IngressL7 {
             port,
             p,
         ));
-        let v = std::rc::Rc::new(Verdicts::new(pp, ports));
-        self.cache.borrow_mut().insert((port, p), v.clone());
+        let v = Arc::new(Verdicts::new(pp, ports));
+        cache.insert((port, p), v.clone());
         v
     }
 }
@@ -338,6 +339,19 @@ pub fn compile_local(
     learned: &[LearnedIp],
     local: &dyn Fn(&tollgate_policy::endpoints::Endpoint) -> bool,
 ) -> Plan {
+    compile_local_cached(eval, inv, ports, learned, local, &mut PlanCache::default())
+}
+
+/// [`compile_local`] reusing what `cache` kept from the previous call (see [`PlanCache`]):
+/// the result is the same as compiling from scratch.
+pub fn compile_local_cached(
+    eval: &Evaluator,
+    inv: &Inventory,
+    ports: ProxyPorts,
+    learned: &[LearnedIp],
+    local: &dyn Fn(&tollgate_policy::endpoints::Endpoint) -> bool,
+    cache: &mut PlanCache,
+) -> Plan {
     let mut plan = Plan::default();
 
     // Remote identities: endpoints (one per identity), host, world, CIDR prefixes.
@@ -400,9 +414,25 @@ pub fn compile_local(
         .enumerate()
         .map(|(i, k)| (k.identity, i))
         .collect();
-    let mut ingress_l7: BTreeMap<u32, IngressL7> = BTreeMap::new();
+    // What every endpoint's entries depend on besides its own rules: the remote identities as
+    // the evaluator sees them, and the proxy ports. When they change nothing cached is kept.
+    let global = format!(
+        "{ports:?} {:?}",
+        known
+            .iter()
+            .map(|k| (k.identity, &k.remote))
+            .collect::<Vec<_>>()
+    );
+    if cache.global.as_deref() != Some(global.as_str()) {
+        cache.endpoints.clear();
+        cache.ingress.clear();
+        cache.global = Some(global);
+    }
+
+    let mut ingress_l7: BTreeMap<u32, Arc<IngressL7>> = BTreeMap::new();
+    let mut judged = std::collections::HashSet::new();
     for ep in &inv.endpoints {
-        if ingress_l7.contains_key(&ep.identity) {
+        if !judged.insert(ep.identity) {
             continue;
         }
         let named = named_of(ep);
@@ -411,21 +441,33 @@ pub fn compile_local(
             is_host: false,
             named_ports: &named,
         };
-        let selecting: Vec<CompiledRule> = eval.rules_selecting(&local).cloned().collect();
-        let ports = l7_ports(selecting.iter(), &named);
-        if !ports.is_empty() {
-            ingress_l7.insert(
-                ep.identity,
-                IngressL7 {
-                    rules: selecting,
+        let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
+        // Kept while the identity's labels, named ports and selecting rules are the same (its
+        // port policies and their verdicts with it).
+        let kept = cache.ingress.remove(&ep.identity).filter(|dst| {
+            dst.labels == ep.labels && dst.named == named && same_rules(&dst.rules, &selecting)
+        });
+        let dst = match kept {
+            Some(dst) => dst,
+            None => {
+                let ports = l7_ports(selecting.iter().copied(), &named);
+                Arc::new(IngressL7 {
+                    rules: selecting.into_iter().cloned().collect(),
                     labels: ep.labels.clone(),
                     named,
                     ports,
                     cache: Default::default(),
-                },
-            );
+                })
+            }
+        };
+        if !dst.ports.is_empty() {
+            ingress_l7.insert(ep.identity, dst.clone());
         }
+        cache.ingress.insert(ep.identity, dst);
     }
+    cache.ingress.retain(|id, _| judged.contains(id));
+
+    let mut seen = std::collections::HashSet::new();
 
     // Endpoint ids number the local endpoints only (1, 2, … in inventory order), so that pods
     // coming and going on other nodes do not renumber this node's (and rewrite their entries).
@@ -437,79 +479,31 @@ pub fn compile_local(
             is_host: false,
             named_ports: &named,
         };
-        // Selected once; every port policy of this endpoint is built from these.
         let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
-        let port_policy = |dir, port, p| {
-            Evaluator::port_policy_of(selecting.iter().copied(), &local, dir, port, p)
-        };
-        let who = format!("{}/{}", ep.spec.namespace, ep.spec.name);
-        let mut flags = 0;
-        for (dir, kdir, flag) in [
-            (
-                Direction::Ingress,
-                dp_dir::INGRESS,
-                endpoint_flags::ENFORCE_INGRESS,
-            ),
-            (
-                Direction::Egress,
-                dp_dir::EGRESS,
-                endpoint_flags::ENFORCE_EGRESS,
-            ),
-        ] {
-            let mentioned = named_ports(&selecting, dir, &named, &known, &mut plan.warnings, &who);
-            let me = Remote::endpoint(ep);
-            // A port no rule names stands for all of them.
-            let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
-            let pp_other = [Protocol::Tcp, Protocol::Udp].map(|p| port_policy(dir, other, p));
-            let unknown = Remote::reserved(RemoteKind::Unmanaged);
-            let default = if pp_other[0].evaluate(&unknown, None).decision == Decision::Allow {
-                verdict::ALLOW
-            } else {
-                flags |= flag;
-                verdict::DENY
-            };
-            let mut entries: BTreeMap<(u32, u16, u8), (u8, u16)> = BTreeMap::new();
-            let mut any_port: BTreeMap<u32, u8> = BTreeMap::new();
-            let other_v = [
-                Verdicts::new(&pp_other[0], ports),
-                Verdicts::new(&pp_other[1], ports),
-            ];
-            for k in &known {
-                let tcp = other_v[0].of(&k.remote);
-                let udp = other_v[1].of(&k.remote);
-                let v = if tcp == udp {
-                    tcp
-                } else {
-                    plan.warnings.push(format!(
-                        "{who} {dir:?}: identity {}: TCP and UDP differ on unnamed ports; the \
-                         kernel applies the stricter",
-                        k.identity
-                    ));
-                    if tcp.0 == verdict::DENY { tcp } else { udp }
-                };
-                any_port.insert(k.identity, v.0);
-                if v.0 != default {
-                    entries.insert((k.identity, 0, proto::ANY), v);
-                }
-            }
-            for port in &mentioned {
-                for p in [Protocol::Tcp, Protocol::Udp] {
-                    let pp = port_policy(dir, *port, p);
-                    let vs = Verdicts::new(&pp, ports);
-                    for k in &known {
-                        let v = vs.of(&k.remote);
-                        let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
-                        if v.0 != wildcard || v.0 == verdict::REDIRECT {
-                            entries.insert((k.identity, *port, proto_num(p)), v);
-                        }
-                    }
-                }
-            }
-            if dir == Direction::Egress {
-                let mut mine_cache: std::collections::HashMap<
-                    (u16, Protocol),
-                    Verdicts<Box<PortPolicy>>,
-                > = std::collections::HashMap::new();
+        let key = (ep.spec.namespace.clone(), ep.spec.name.clone());
+        let unchanged = cache.endpoints.get(&key).is_some_and(|own| {
+            own.identity == ep.identity
+                && own.labels == ep.labels
+                && own.named == named
+                && same_rules(&own.selecting, &selecting)
+        });
+        if unchanged {
+            cache.reused += 1;
+        } else {
+            cache.recompiled += 1;
+            let own = own_part(ep, &local, &selecting, &known, ports);
+            cache.endpoints.insert(key.clone(), own);
+        }
+        let own = cache
+            .endpoints
+            .get_mut(&key)
+            .expect("just checked or inserted");
+        seen.insert(key);
+        plan.warnings.extend(own.warnings.iter().cloned());
+        let me = Remote::endpoint(ep);
+        for (i, kdir) in [(0, dp_dir::INGRESS), (1, dp_dir::EGRESS)] {
+            let mut entries = own.entries[i].clone();
+            if kdir == dp_dir::EGRESS {
                 // Redirect here what the destination's ingress L7 rules must see.
                 for (rid, dst) in &ingress_l7 {
                     let Some(k) = known_by_id.get(rid).map(|i| &known[*i]) else {
@@ -517,10 +511,20 @@ pub fn compile_local(
                     };
                     for port in &dst.ports {
                         for p in [Protocol::Tcp, Protocol::Udp] {
-                            let mine = mine_cache
+                            let mine = own
+                                .egress
                                 .entry((*port, p))
                                 .or_insert_with(|| {
-                                    Verdicts::new(Box::new(port_policy(dir, *port, p)), ports)
+                                    Verdicts::new(
+                                        Box::new(Evaluator::port_policy_of(
+                                            &own.selecting,
+                                            &local,
+                                            Direction::Egress,
+                                            *port,
+                                            p,
+                                        )),
+                                        ports,
+                                    )
                                 })
                                 .of(&k.remote);
                             if mine.0 == verdict::DENY {
@@ -558,11 +562,146 @@ pub fn compile_local(
             info: EndpointInfo {
                 endpoint_id,
                 identity: ep.identity,
-                flags,
+                flags: own.flags,
             },
         });
     }
+    cache.endpoints.retain(|k, _| seen.contains(k));
     plan
+}
+
+/// Compiled results kept between revisions by [`compile_local_cached`]: per local endpoint,
+/// what its own rules compile to, reused while the endpoint, the rules selecting it (the same
+/// shared rules, compared by pointer) and the node's remote identities are unchanged — so one
+/// changed policy recompiles only the endpoints it selects. The redirects towards destinations
+/// with ingress L7 rules are recomputed every time (they depend on the destination's rules).
+#[derive(Default)]
+pub struct PlanCache {
+    global: Option<String>,
+    endpoints: std::collections::HashMap<(String, String), OwnPart>,
+    /// Per identity: its ingress rules and port policies (the redirect checks' other side).
+    ingress: std::collections::HashMap<u32, Arc<IngressL7>>,
+    /// Endpoints taken from the cache / compiled, over the cache's life.
+    pub reused: u64,
+    pub recompiled: u64,
+}
+
+impl std::fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanCache")
+            .field("endpoints", &self.endpoints.len())
+            .field("reused", &self.reused)
+            .field("recompiled", &self.recompiled)
+            .finish()
+    }
+}
+
+/// One direction's policy entries of an endpoint: (remote identity, port, protocol) →
+/// (verdict, proxy port).
+type DirEntries = BTreeMap<(u32, u16, u8), (u8, u16)>;
+
+/// `kept` are the same shared rules as `now`, in the same order.
+fn same_rules(kept: &[CompiledRule], now: &[&CompiledRule]) -> bool {
+    kept.len() == now.len() && kept.iter().zip(now).all(|(a, b)| a.same(b))
+}
+
+/// One local endpoint's entries from its own rules, with the inputs they came from.
+struct OwnPart {
+    identity: u32,
+    labels: tollgate_policy::labels::LabelSet,
+    named: Vec<(String, u16)>,
+    selecting: Vec<CompiledRule>,
+    /// [ingress, egress].
+    entries: [DirEntries; 2],
+    flags: u32,
+    warnings: Vec<String>,
+    /// This endpoint's egress port policies, built when a redirect check needs them.
+    egress: std::collections::HashMap<(u16, Protocol), Verdicts<Box<PortPolicy>>>,
+}
+
+fn own_part(
+    ep: &tollgate_policy::endpoints::Endpoint,
+    local: &Local<'_>,
+    selecting: &[&CompiledRule],
+    known: &[Known],
+    ports: ProxyPorts,
+) -> OwnPart {
+    let port_policy =
+        |dir, port, p| Evaluator::port_policy_of(selecting.iter().copied(), local, dir, port, p);
+    let who = format!("{}/{}", ep.spec.namespace, ep.spec.name);
+    let mut warnings = Vec::new();
+    let mut flags = 0;
+    let mut out: [DirEntries; 2] = Default::default();
+    for (i, dir, flag) in [
+        (0, Direction::Ingress, endpoint_flags::ENFORCE_INGRESS),
+        (1, Direction::Egress, endpoint_flags::ENFORCE_EGRESS),
+    ] {
+        let mentioned = named_ports(
+            selecting,
+            dir,
+            local.named_ports,
+            known,
+            &mut warnings,
+            &who,
+        );
+        // A port no rule names stands for all of them.
+        let other = (1..=u16::MAX).find(|p| !mentioned.contains(p)).unwrap_or(0);
+        let pp_other = [Protocol::Tcp, Protocol::Udp].map(|p| port_policy(dir, other, p));
+        let unknown = Remote::reserved(RemoteKind::Unmanaged);
+        let default = if pp_other[0].evaluate(&unknown, None).decision == Decision::Allow {
+            verdict::ALLOW
+        } else {
+            flags |= flag;
+            verdict::DENY
+        };
+        let entries = &mut out[i];
+        let mut any_port: BTreeMap<u32, u8> = BTreeMap::new();
+        let other_v = [
+            Verdicts::new(&pp_other[0], ports),
+            Verdicts::new(&pp_other[1], ports),
+        ];
+        for k in known {
+            let tcp = other_v[0].of(&k.remote);
+            let udp = other_v[1].of(&k.remote);
+            let v = if tcp == udp {
+                tcp
+            } else {
+                warnings.push(format!(
+                    "{who} {dir:?}: identity {}: TCP and UDP differ on unnamed ports; the \
+                     kernel applies the stricter",
+                    k.identity
+                ));
+                if tcp.0 == verdict::DENY { tcp } else { udp }
+            };
+            any_port.insert(k.identity, v.0);
+            if v.0 != default {
+                entries.insert((k.identity, 0, proto::ANY), v);
+            }
+        }
+        for port in &mentioned {
+            for p in [Protocol::Tcp, Protocol::Udp] {
+                let pp = port_policy(dir, *port, p);
+                let vs = Verdicts::new(&pp, ports);
+                for k in known {
+                    let v = vs.of(&k.remote);
+                    let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
+                    if v.0 != wildcard || v.0 == verdict::REDIRECT {
+                        entries.insert((k.identity, *port, proto_num(p)), v);
+                    }
+                }
+            }
+        }
+    }
+    OwnPart {
+        identity: ep.identity,
+        labels: ep.labels.clone(),
+        named: local.named_ports.to_vec(),
+        selecting: selecting.iter().map(|r| (*r).clone()).collect(),
+        entries: out,
+        flags,
+        warnings,
+        egress: Default::default(),
+    }
 }
 
 #[cfg(test)]
@@ -907,5 +1046,62 @@ spec:
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_cached_compile_equals_a_fresh_one_and_reuses_only_unchanged_endpoints() {
+        let docs: Vec<&str> = POLICY.split("---").collect();
+        let load = |name: &str, text: &str| {
+            let mut set = PolicySet::default();
+            set.load_str(name, text);
+            assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+            set.rules
+        };
+        let api = load("api.yaml", docs[0]);
+        let frontend = load("frontend.yaml", docs[1]);
+        // The api's L7 rule changed (another path), then gone (the port is L4 only).
+        let api_other_path = load("api.yaml", &docs[0].replace("/items", "/orders"));
+        let api_no_l7 = load(
+            "api.yaml",
+            &docs[0].replace(
+                "      rules:\n        http: [{method: GET, path: /items}]\n",
+                "",
+            ),
+        );
+        let inv = Inventory::from_yaml(INVENTORY).unwrap();
+        let local = |ep: &tollgate_policy::endpoints::Endpoint| ep.spec.name != "db";
+        let mut cache = PlanCache::default();
+        let revisions: Vec<(&str, Vec<CompiledRule>)> = vec![
+            ("both", [api.clone(), frontend.clone()].concat()),
+            ("same again", [api.clone(), frontend.clone()].concat()),
+            (
+                "api path",
+                [api_other_path.clone(), frontend.clone()].concat(),
+            ),
+            ("api L4 only", [api_no_l7, frontend.clone()].concat()),
+            ("frontend gone", api_other_path.clone()),
+            ("both back", [api_other_path, frontend].concat()),
+        ];
+        let mut recompiled = Vec::new();
+        for (what, rules) in revisions {
+            let eval = Evaluator::new(rules);
+            let before = cache.recompiled;
+            let cached = compile_local_cached(&eval, &inv, PORTS, &[], &local, &mut cache);
+            let fresh = compile_local(&eval, &inv, PORTS, &[], &local);
+            assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "{what}");
+            recompiled.push((what, cache.recompiled - before));
+        }
+        let local_endpoints = inv.endpoints.iter().filter(|ep| local(ep)).count() as u64;
+        assert!(local_endpoints >= 2);
+        let n = |what: &str| recompiled.iter().find(|r| r.0 == what).unwrap().1;
+        assert_eq!(n("both"), local_endpoints, "{recompiled:?}");
+        assert_eq!(n("same again"), 0, "{recompiled:?}");
+        // Only the api is selected by the changed rules; the frontend's egress redirect
+        // towards it still follows the change (checked by the equality above).
+        assert_eq!(n("api path"), 1, "{recompiled:?}");
+        assert_eq!(n("api L4 only"), 1, "{recompiled:?}");
+        // The frontend's policy carried the only CIDR rule: without it the node's remote
+        // identities change, and with them every endpoint's inputs.
+        assert_eq!(n("frontend gone"), local_endpoints, "{recompiled:?}");
     }
 }

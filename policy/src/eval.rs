@@ -472,34 +472,23 @@ impl PortPolicy {
     /// Fill [`PortPolicy::peer_groups`]: equal label-selector peers (and `Any`, `Nothing`)
     /// share a group; other peers (CIDRs, entities, FQDNs) get one each.
     fn group_peers(&mut self) {
-        use std::hash::{Hash, Hasher};
         let mut by_key: std::collections::HashMap<u64, Vec<usize>> = Default::default();
         self.peer_groups.clear();
         for i in 0..self.candidates.len() {
-            let peer = self.candidates[i].peer();
-            let key = match peer {
-                PeerMatch::Any => Some(0),
-                PeerMatch::Nothing => Some(1),
-                PeerMatch::Endpoints(sels) => {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    sels.hash(&mut h);
-                    Some(h.finish() | 2)
-                }
-                _ => None,
-            };
-            let found = key.and_then(|k| {
-                by_key
-                    .get(&k)?
-                    .iter()
-                    .copied()
-                    .find(|&g| same_peer(self.candidates[self.peer_groups[g]].peer(), peer))
+            let entry = self.candidates[i].entry();
+            let found = entry.peer_key.and_then(|k| {
+                by_key.get(&k)?.iter().copied().find(|&g| {
+                    self.candidates[self.peer_groups[g]]
+                        .peer()
+                        .same_as(&entry.peer)
+                })
             });
             let group = match found {
                 Some(g) => g,
                 None => {
                     self.peer_groups.push(i);
                     let g = self.peer_groups.len() - 1;
-                    if let Some(k) = key {
+                    if let Some(k) = entry.peer_key {
                         by_key.entry(k).or_default().push(g);
                     }
                     g
@@ -771,15 +760,6 @@ impl PeerMemo {
             }
             PeerMemo::Large(v) => v[g] = Some(m),
         }
-    }
-}
-
-/// Peers that match exactly the same remotes because they are written the same.
-fn same_peer(a: &PeerMatch, b: &PeerMatch) -> bool {
-    match (a, b) {
-        (PeerMatch::Any, PeerMatch::Any) | (PeerMatch::Nothing, PeerMatch::Nothing) => true,
-        (PeerMatch::Endpoints(x), PeerMatch::Endpoints(y)) => x == y,
-        _ => false,
     }
 }
 

@@ -104,6 +104,12 @@ impl CompiledRule {
         CompiledRule(Arc::new(body))
     }
 
+    /// The same shared rule (not merely an equal one): rules are shared between policy
+    /// revisions, so an unchanged rule is the same allocation.
+    pub fn same(&self, other: &CompiledRule) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// To change a rule being built (copied first if it is already shared).
     pub fn body_mut(&mut self) -> &mut RuleBody {
         Arc::make_mut(&mut self.0)
@@ -155,6 +161,8 @@ pub struct Entry {
     /// `spec.ingress[0]`.
     pub path: String,
     pub peer: PeerMatch,
+    /// [`PeerMatch::group_key`] of `peer`, computed once.
+    pub peer_key: Option<u64>,
     /// `None`: every port (an L3-only item).
     pub ports: Option<Vec<PortRule>>,
 }
@@ -502,6 +510,7 @@ pub fn compile_rule(
                         // Fail closed: deny everything in this direction.
                         target.deny.push(Entry {
                             path: ipath.clone(),
+                            peer_key: PeerMatch::Any.group_key(),
                             peer: PeerMatch::Any,
                             ports: None,
                         });
@@ -654,6 +663,7 @@ fn compile_item(ctx: &ItemContext<'_>, v: &Value) -> Result<Entry, Vec<FieldErro
     if errs.is_empty() {
         Ok(Entry {
             path: path.to_string(),
+            peer_key: peer.group_key(),
             peer,
             ports,
         })

@@ -166,6 +166,32 @@ pub enum PeerMatch {
 }
 
 impl PeerMatch {
+    /// A hash under which equal peers meet (the evaluator matches each distinct peer of a
+    /// port once): label selectors, `Any` and `Nothing`; `None` for the other kinds, which
+    /// are then never merged.
+    pub fn group_key(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        match self {
+            PeerMatch::Any => Some(0),
+            PeerMatch::Nothing => Some(1),
+            PeerMatch::Endpoints(sels) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                sels.hash(&mut h);
+                Some(h.finish() | 2)
+            }
+            _ => None,
+        }
+    }
+
+    /// Peers that match exactly the same remotes because they are written the same.
+    pub fn same_as(&self, other: &PeerMatch) -> bool {
+        match (self, other) {
+            (PeerMatch::Any, PeerMatch::Any) | (PeerMatch::Nothing, PeerMatch::Nothing) => true,
+            (PeerMatch::Endpoints(x), PeerMatch::Endpoints(y)) => x == y,
+            _ => false,
+        }
+    }
+
     pub fn matches(&self, r: &Remote) -> bool {
         match self {
             PeerMatch::Any => true,
