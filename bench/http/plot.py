@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Draw bench/http/results.svg from the table in bench/http/README.md (no dependencies).
+"""Draw bench/http/results.svg from the table after the `<!-- plot -->` line in
+bench/http/README.md (the latest full run; no dependencies).
 Usage: python3 bench/http/plot.py"""
 import os
 import re
 
 here = os.path.dirname(os.path.abspath(__file__))
 rows = []
-for line in open(os.path.join(here, "README.md")):
-    m = re.match(r"\| (h1|h2c) \| ([^|]+) \| \**([\d,]+)\** \|", line)
+lines = open(os.path.join(here, "README.md")).read().split("<!-- plot -->", 1)[1].splitlines()
+for line in lines[1:]:
+    if rows and not line.startswith("|"):
+        break  # the end of the table
+    m = re.match(r"\| (h1|h2c[^|]*?) \| ([^|]+) \| \**([\d,]+)\** \|", line)
     if m and "direct" not in m.group(2):
         rows.append((f"{m.group(1)}: {m.group(2).strip('* ')}", int(m.group(3).replace(",", ""))))
 w, bar, gap, left = 760, 22, 10, 300

@@ -3,7 +3,8 @@
 # method+path regex rules matches). wrk/h2load pinned to CPU 0, the system under test to CPU 1
 # (tollgate with one current-thread tokio runtime). Bounded; loopback only.
 #   h1:   wrk -t1 -c50 -dD  vs direct nginx, HAProxy, nginx-proxy, Envoy, tollgate (100 rules)
-#   h2c:  h2load -c50 -m1 -DD vs direct, HAProxy, tollgate
+#   h2c:  h2load -c50 -m1 -DD vs direct, HAProxy, tollgate; and the issue's shape, 10
+#         connections x 10 streams (-c10 -m10), vs direct, HAProxy, nginx-proxy, Envoy, tollgate
 #   1000: tollgate with 1,000 rules (h1)
 #   mem:  tollgate RSS with 1,000 idle client connections
 #   CPU:  per row, user+system CPU of the process(es) listening on the target port (the system
@@ -59,11 +60,12 @@ h1() { # label port
   printf '| h1 | %s | %s | %s | %s | %s |\n' "$1" "$rps" \
     "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" "$(cpu_cols "$b" "$a" "$rps")"
 }
-h2() { # label port
-  local b a out rps; b=$(cpu_ticks "$2")
-  out=$(taskset -c 0 h2load -t1 -c50 -m1 -D"$DUR" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
+h2() { # label port [connections streams]
+  local b a out rps c=${3:-50} m=${4:-1} proto=h2c; b=$(cpu_ticks "$2")
+  [ "$c/$m" = 50/1 ] || proto="h2c ${c}×${m}"
+  out=$(taskset -c 0 h2load -t1 -c"$c" -m"$m" -D"$DUR" "http://127.0.0.1:$2$BENCH_PATH" 2>&1)
   a=$(cpu_ticks "$2"); rps=$(awk '/^finished in/ {print $4}' <<<"$out")
-  printf '| h2c | %s | %s | %s | - | %s |\n' "$1" "$rps" \
+  printf '| %s | %s | %s | %s | - | %s |\n' "$proto" "$1" "$rps" \
     "$(awk '/^time for request:/ {print $6}' <<<"$out")" "$(cpu_cols "$b" "$a" "$rps")"
 }
 
@@ -77,6 +79,11 @@ h1 "tollgate, 100 rules" "$TG"
 h2 "nginx direct" "$PORT_NGINX_H2C"
 h2 "HAProxy, 100 ACLs" "$PORT_HAPROXY_H2C"
 h2 "tollgate, 100 rules" "$TG"
+h2 "nginx direct" "$PORT_NGINX_H2C" 10 10
+h2 "HAProxy, 100 ACLs" "$PORT_HAPROXY_H2C" 10 10
+h2 "nginx proxy, 100 rules" "$PORT_NGXPROXY_H2C" 10 10
+h2 "Envoy, 100 RBAC rules" "$PORT_ENVOY_H2C" 10 10
+h2 "tollgate, 100 rules" "$TG" 10 10
 # Memory per idle connection: 1,000 idle HTTP/1.1 connections (one request each, then idle).
 pid=${PIDS[-1]}
 before=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
