@@ -79,6 +79,11 @@ static ALLOC: Counting = Counting;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The `p` quantile (0..=1) of sorted, non-empty samples (nearest rank).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / MIB
 }
@@ -329,7 +334,7 @@ async fn main() {
     }
     enforced.sort_by(f64::total_cmp);
     lat.sort_by(f64::total_cmp);
-    let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    let q = |p: f64| percentile(&lat, p);
     if !lat.is_empty() {
         println!(
             "one CNP changed → snapshot ({} changes, debounce {} ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
@@ -341,7 +346,7 @@ async fn main() {
         );
     }
     if !enforced.is_empty() {
-        let q = |p: f64| enforced[((enforced.len() as f64 - 1.0) * p).round() as usize];
+        let q = |p: f64| percentile(&enforced, p);
         println!(
             "one CNP changed → snapshot + node-0's kernel plan ({} local pods of {NODES} nodes, {local_entries} policy entries): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             pods.div_ceil(NODES),
@@ -350,7 +355,7 @@ async fn main() {
             enforced[enforced.len() - 1]
         );
         compile.sort_by(f64::total_cmp);
-        let q = |p: f64| compile[((compile.len() as f64 - 1.0) * p).round() as usize];
+        let q = |p: f64| percentile(&compile, p);
         println!(
             "  of which node-0's kernel plan (evaluator + compile_local_cached): p50 {:.0} ms, p99 {:.0} ms",
             q(0.5),

@@ -175,12 +175,43 @@ fn named_ports(
     out
 }
 
-/// An endpoint whose ingress has L7 rules: its rules, and the ports they are on.
-struct IngressL7 {
-    /// The rules selecting this identity's endpoints, in rule order.
-    rules: Vec<CompiledRule>,
+/// What a compiled result of one endpoint (or identity) came from: its labels, named ports and
+/// the rules selecting it, in rule order. [`PlanCache`] reuses a result while these are the
+/// same — the rules by pointer, since unchanged rules are shared between revisions.
+struct Selected {
     labels: tollgate_policy::labels::LabelSet,
     named: Vec<(String, u16)>,
+    rules: Vec<CompiledRule>,
+}
+
+impl Selected {
+    fn new(local: &Local<'_>, rules: &[&CompiledRule]) -> Selected {
+        Selected {
+            labels: local.labels.clone(),
+            named: local.named_ports.to_vec(),
+            rules: rules.iter().map(|r| (*r).clone()).collect(),
+        }
+    }
+
+    fn unchanged(&self, local: &Local<'_>, rules: &[&CompiledRule]) -> bool {
+        self.labels == *local.labels
+            && self.named == local.named_ports
+            && self.rules.len() == rules.len()
+            && self.rules.iter().zip(rules).all(|(a, b)| a.same(b))
+    }
+
+    fn local(&self) -> Local<'_> {
+        Local {
+            labels: &self.labels,
+            is_host: false,
+            named_ports: &self.named,
+        }
+    }
+}
+
+/// An endpoint whose ingress has L7 rules: its rules, and the ports they are on.
+struct IngressL7 {
+    from: Selected,
     ports: BTreeSet<u16>,
     cache: VerdictCache,
 }
@@ -199,14 +230,9 @@ impl IngressL7 {
         if let Some(v) = cache.get(&(port, p)) {
             return v.clone();
         }
-        let local = Local {
-            labels: &self.labels,
-            is_host: false,
-            named_ports: &self.named,
-        };
         let pp = Box::new(Evaluator::port_policy_of(
-            &self.rules,
-            &local,
+            &self.from.rules,
+            &self.from.local(),
             Direction::Ingress,
             port,
             p,
@@ -444,21 +470,17 @@ pub fn compile_local_cached(
         let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
         // Kept while the identity's labels, named ports and selecting rules are the same (its
         // port policies and their verdicts with it).
-        let kept = cache.ingress.remove(&ep.identity).filter(|dst| {
-            dst.labels == ep.labels && dst.named == named && same_rules(&dst.rules, &selecting)
-        });
+        let kept = cache
+            .ingress
+            .remove(&ep.identity)
+            .filter(|dst| dst.from.unchanged(&local, &selecting));
         let dst = match kept {
             Some(dst) => dst,
-            None => {
-                let ports = l7_ports(selecting.iter().copied(), &named);
-                Arc::new(IngressL7 {
-                    rules: selecting.into_iter().cloned().collect(),
-                    labels: ep.labels.clone(),
-                    named,
-                    ports,
-                    cache: Default::default(),
-                })
-            }
+            None => Arc::new(IngressL7 {
+                from: Selected::new(&local, &selecting),
+                ports: l7_ports(selecting.iter().copied(), &named),
+                cache: Default::default(),
+            }),
         };
         if !dst.ports.is_empty() {
             ingress_l7.insert(ep.identity, dst.clone());
@@ -482,10 +504,7 @@ pub fn compile_local_cached(
         let selecting: Vec<&CompiledRule> = eval.rules_selecting(&local).collect();
         let key = (ep.spec.namespace.clone(), ep.spec.name.clone());
         let unchanged = cache.endpoints.get(&key).is_some_and(|own| {
-            own.identity == ep.identity
-                && own.labels == ep.labels
-                && own.named == named
-                && same_rules(&own.selecting, &selecting)
+            own.identity == ep.identity && own.from.unchanged(&local, &selecting)
         });
         if unchanged {
             cache.reused += 1;
@@ -517,7 +536,7 @@ pub fn compile_local_cached(
                                 .or_insert_with(|| {
                                     Verdicts::new(
                                         Box::new(Evaluator::port_policy_of(
-                                            &own.selecting,
+                                            &own.from.rules,
                                             &local,
                                             Direction::Egress,
                                             *port,
@@ -600,17 +619,10 @@ impl std::fmt::Debug for PlanCache {
 /// (verdict, proxy port).
 type DirEntries = BTreeMap<(u32, u16, u8), (u8, u16)>;
 
-/// `kept` are the same shared rules as `now`, in the same order.
-fn same_rules(kept: &[CompiledRule], now: &[&CompiledRule]) -> bool {
-    kept.len() == now.len() && kept.iter().zip(now).all(|(a, b)| a.same(b))
-}
-
 /// One local endpoint's entries from its own rules, with the inputs they came from.
 struct OwnPart {
     identity: u32,
-    labels: tollgate_policy::labels::LabelSet,
-    named: Vec<(String, u16)>,
-    selecting: Vec<CompiledRule>,
+    from: Selected,
     /// [ingress, egress].
     entries: [DirEntries; 2],
     flags: u32,
@@ -694,9 +706,7 @@ fn own_part(
     }
     OwnPart {
         identity: ep.identity,
-        labels: ep.labels.clone(),
-        named: local.named_ports.to_vec(),
-        selecting: selecting.iter().map(|r| (*r).clone()).collect(),
+        from: Selected::new(local, selecting),
         entries: out,
         flags,
         warnings,

@@ -518,9 +518,7 @@ impl PortPolicy {
         let nobody = Remote::world(None, vec![]);
         self.candidates.iter().any(|c| {
             (self.direction == Direction::Egress || self.port_matches(c, &nobody))
-                && c.port_rule()
-                    .as_ref()
-                    .is_some_and(|p| !matches!(p.l7, L7::None))
+                && c.port_rule().is_some_and(|p| !matches!(p.l7, L7::None))
         })
     }
 
@@ -563,11 +561,9 @@ impl PortPolicy {
     /// True when some entry on this port has a `serverNames` allow-list (the proxy must read
     /// the TLS ClientHello before deciding).
     pub fn has_server_names(&self) -> bool {
-        self.candidates.iter().any(|c| {
-            c.port_rule()
-                .as_ref()
-                .is_some_and(|p| !p.server_names.is_empty())
-        })
+        self.candidates
+            .iter()
+            .any(|c| c.port_rule().is_some_and(|p| !p.server_names.is_empty()))
     }
 
     fn port_matches(&self, c: &Candidate, remote: &Remote) -> bool {
@@ -765,7 +761,6 @@ impl PeerMemo {
 
 fn l4_path(c: &Candidate) -> String {
     c.port_rule()
-        .as_ref()
         .map(|p| p.path.clone())
         .unwrap_or_else(|| c.entry_path().to_string())
 }

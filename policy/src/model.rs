@@ -167,6 +167,17 @@ pub struct Entry {
     pub ports: Option<Vec<PortRule>>,
 }
 
+impl Entry {
+    pub fn new(path: String, peer: PeerMatch, ports: Option<Vec<PortRule>>) -> Entry {
+        Entry {
+            path,
+            peer_key: peer.group_key(),
+            peer,
+            ports,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Protocol {
     #[serde(rename = "TCP")]
@@ -508,12 +519,9 @@ pub fn compile_rule(
                     errs.append(&mut e);
                     if is_deny {
                         // Fail closed: deny everything in this direction.
-                        target.deny.push(Entry {
-                            path: ipath.clone(),
-                            peer_key: PeerMatch::Any.group_key(),
-                            peer: PeerMatch::Any,
-                            ports: None,
-                        });
+                        target
+                            .deny
+                            .push(Entry::new(ipath.clone(), PeerMatch::Any, None));
                     }
                 }
             }
@@ -661,12 +669,7 @@ fn compile_item(ctx: &ItemContext<'_>, v: &Value) -> Result<Entry, Vec<FieldErro
         },
     };
     if errs.is_empty() {
-        Ok(Entry {
-            path: path.to_string(),
-            peer_key: peer.group_key(),
-            peer,
-            ports,
-        })
+        Ok(Entry::new(path.to_string(), peer, ports))
     } else {
         Err(errs)
     }
