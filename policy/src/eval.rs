@@ -118,7 +118,7 @@ pub struct Verdict {
     /// The policy that decided (for default deny: a policy that made the endpoint default-deny).
     pub policy: Option<PolicyId>,
     /// The rule path inside that policy (`spec.ingress[0].toPorts[0].rules.http[2]`).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     pub enforcement: Enforcement,
     /// The `log.value` tag of the deciding rule.
     pub log: Option<String>,
@@ -149,7 +149,7 @@ impl Verdict {
         }
     }
 
-    fn by(mut self, c: &Candidate, rule: Option<String>) -> Verdict {
+    fn by(mut self, c: &Candidate, rule: Option<Arc<str>>) -> Verdict {
         self.policy = Some(c.rule.policy.id.clone());
         self.rule = rule;
         self.enforcement = c.enforcement();
@@ -634,7 +634,7 @@ impl PortPolicy {
                 .port_rule()
                 .map(|p| p.path.clone())
                 .unwrap_or_else(|| c.entry_path().to_string());
-            return Verdict::new(Decision::Deny, Reason::DenyRule, dir).by(c, Some(path));
+            return Verdict::new(Decision::Deny, Reason::DenyRule, dir).by(c, Some(path.into()));
         }
         if dir == Direction::Ingress && remote.kind == RemoteKind::Host && !self.local_is_host {
             return Verdict::new(Decision::Allow, Reason::HostAllowed, dir);
@@ -656,7 +656,7 @@ impl PortPolicy {
             return match &info.default_deny_by {
                 Some((policy, path, enforcement, log)) => Verdict {
                     policy: Some(policy.id.clone()),
-                    rule: Some(format!("{path}.{}", dir.as_str())),
+                    rule: Some(format!("{path}.{}", dir.as_str()).into()),
                     enforcement: *enforcement,
                     log: log.clone(),
                     ..Verdict::new(Decision::Deny, Reason::DefaultDeny, dir)
@@ -666,7 +666,8 @@ impl PortPolicy {
         }
         let Some(request) = request else {
             let c = allows[0];
-            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(l4_path(c)));
+            return Verdict::new(Decision::Allow, Reason::L4Allow, dir)
+                .by(c, Some(l4_path(c).into()));
         };
         self.evaluate_l7(&allows, request, dir)
     }
@@ -682,7 +683,8 @@ impl PortPolicy {
             .iter()
             .find(|c| c.visibility_only || matches!(l7_of(c), L7::None))
         {
-            return Verdict::new(Decision::Allow, Reason::L4Allow, dir).by(c, Some(l4_path(c)));
+            return Verdict::new(Decision::Allow, Reason::L4Allow, dir)
+                .by(c, Some(l4_path(c).into()));
         }
         let mut hits = Vec::new();
         // 3. Kafka: the topic set cover spans every applicable entry (§8.3).
@@ -715,7 +717,7 @@ impl PortPolicy {
             return v;
         }
         let c = most_specific(allows);
-        let path = c.port_rule().map(|p| format!("{}.rules", p.path));
+        let path = c.port_rule().map(|p| format!("{}.rules", p.path).into());
         Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path)
     }
 }
@@ -812,7 +814,7 @@ fn match_l7<'l>(
     l7: &'l L7,
     request: &L7Request<'_>,
     hits: &mut Vec<usize>,
-) -> Option<&'l [(String, RuleAction)]> {
+) -> Option<&'l [(Arc<str>, RuleAction)]> {
     match (l7, request) {
         (L7::Http(l), L7Request::Http { request, .. }) => {
             l.set.matching(request, hits);
@@ -843,7 +845,7 @@ fn match_l7<'l>(
 
 fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction) -> Verdict {
     let mut compiled = Vec::new();
-    let mut origin: Vec<(&Candidate, &String)> = Vec::new();
+    let mut origin: Vec<(&Candidate, &Arc<str>)> = Vec::new();
     for c in allows {
         if let Some(PortRule {
             l7: L7::Kafka(l), ..
@@ -864,7 +866,7 @@ fn kafka_cover(allows: &[&Candidate], req: &l7::KafkaRequest<'_>, dir: Direction
         return Verdict::new(Decision::Allow, Reason::L7Allow, dir).by(c, path);
     }
     let c = most_specific(allows);
-    let path = c.port_rule().map(|p| format!("{}.rules", p.path));
+    let path = c.port_rule().map(|p| format!("{}.rules", p.path).into());
     let mut v = Verdict::new(Decision::Deny, Reason::L7NoMatch, dir).by(c, path);
     v.denied_topics = out.uncovered_topics.iter().map(|t| t.to_string()).collect();
     v

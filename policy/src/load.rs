@@ -211,8 +211,8 @@ impl PolicySet {
         };
         let id = PolicyId {
             kind,
-            namespace: namespace.clone(),
-            name,
+            namespace: namespace.as_deref().map(Arc::from),
+            name: name.into(),
         };
         let policy_name = id.to_string();
         if let Some(prev) = self.by_id.get(&id).map(|i| &self.policies[*i]) {

@@ -51,8 +51,9 @@ impl PolicyKind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct PolicyId {
     pub kind: PolicyKind,
-    pub namespace: Option<String>,
-    pub name: String,
+    /// Shared strings: every verdict names its policy, and a clone must not allocate.
+    pub namespace: Option<Arc<str>>,
+    pub name: Arc<str>,
 }
 
 impl std::fmt::Display for PolicyId {
@@ -258,7 +259,7 @@ pub struct L7List<S> {
     pub set: Arc<S>,
     /// Per rule: path (`…rules.http[2]`) and action. Shared: every port policy that takes
     /// the rule list holds it without copying thousands of paths.
-    pub rules: Arc<[(String, RuleAction)]>,
+    pub rules: Arc<[(Arc<str>, RuleAction)]>,
 }
 
 impl<S> L7List<S> {
@@ -1053,7 +1054,7 @@ fn compile_list<R, C>(
     errs: &mut Vec<FieldError>,
     compile: impl Fn(&R) -> Result<C, l7::L7Error>,
     action: impl Fn(&R) -> Option<RuleAction>,
-) -> (Vec<C>, Vec<(String, RuleAction)>) {
+) -> (Vec<C>, Vec<(Arc<str>, RuleAction)>) {
     let mut compiled = Vec::new();
     let mut meta = Vec::new();
     for (i, r) in list.into_iter().flatten().enumerate() {
@@ -1061,7 +1062,7 @@ fn compile_list<R, C>(
         match compile(r) {
             Ok(c) => {
                 compiled.push(c);
-                meta.push((at, action(r).unwrap_or_default()));
+                meta.push((Arc::from(at), action(r).unwrap_or_default()));
             }
             Err(e) => errs.push((join(&at, &e.path), e.message)),
         }

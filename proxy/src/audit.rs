@@ -211,10 +211,10 @@ impl Record {
             kafka: None,
             policy: v.policy.as_ref().map(|p| PolicyRef {
                 kind: p.kind.as_str().to_string(),
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
+                namespace: p.namespace.as_deref().map(str::to_string),
+                name: p.name.to_string(),
             }),
-            rule: v.rule.clone(),
+            rule: v.rule.as_deref().map(str::to_string),
             enforcement: v.enforcement.as_str(),
             log: v.log.clone(),
             policy_revision,

@@ -150,7 +150,7 @@ struct View {
     dst_idx: Option<usize>,
     /// The destination endpoint's ingress port policies (UDP, TCP).
     ingress: [Option<Arc<PortPolicy>>; 2],
-    sources: Mutex<HashMap<IpAddr, Arc<Source>>>,
+    sources: Mutex<foldhash::HashMap<IpAddr, Arc<Source>>>,
 }
 
 impl View {
@@ -169,7 +169,7 @@ impl View {
             state,
             dst_idx,
             ingress,
-            sources: Mutex::new(HashMap::new()),
+            sources: Mutex::new(foldhash::HashMap::default()),
         }
     }
 }
@@ -197,7 +197,8 @@ impl std::fmt::Display for UpstreamError {
 /// gave them. The token tells a query's own entry from a later one that reuses its ID.
 #[derive(Debug)]
 struct Pending<T> {
-    waiting: HashMap<u16, (u64, T)>,
+    /// foldhash, not SipHash: looked up twice per query; the IDs are ours and random.
+    waiting: foldhash::HashMap<u16, (u64, T)>,
     rng: u64,
     next_token: u64,
 }
@@ -205,7 +206,7 @@ struct Pending<T> {
 impl<T> Pending<T> {
     fn new(seed: u64) -> Pending<T> {
         Pending {
-            waiting: HashMap::new(),
+            waiting: foldhash::HashMap::default(),
             rng: seed | 1,
             next_token: 0,
         }
@@ -330,8 +331,8 @@ struct InFlight {
 enum UdpStep {
     /// Answered here (denied, malformed, shed).
     Reply(Vec<u8>),
-    /// Registered on upstream socket `slot`; `out` is the query with the proxy's ID.
-    Upstream { slot: usize, out: Vec<u8> },
+    /// Registered on upstream socket `slot` under `id`: the query goes out with that ID.
+    Upstream { slot: usize, id: u16 },
     /// Dropped (not even a DNS header).
     Nothing,
 }
@@ -343,6 +344,25 @@ struct Judged {
     src: Arc<Source>,
     dst: Remote,
     v: Verdict,
+}
+
+/// What the queries of one receive share: the policy view, the clock reading, and the last
+/// client's port policies (a busy client sends many queries per `recvmmsg`). Taken once per
+/// batch instead of once per query: the view and the source cache each cost a lock.
+struct Turn {
+    view: Arc<View>,
+    now: Instant,
+    last_source: Option<(IpAddr, Arc<Source>)>,
+}
+
+impl Turn {
+    fn new(ctx: &Ctx) -> Turn {
+        Turn {
+            view: ctx.view(),
+            now: Instant::now(),
+            last_source: None,
+        }
+    }
 }
 
 /// What an audit record written when a forwarded query completes needs from its decision.
@@ -398,8 +418,9 @@ async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
                 continue;
             }
         };
+        let now = Instant::now();
         for i in 0..n {
-            let (answer, _) = rb.get(i);
+            let answer = rb.get_mut(i);
             let entry = ctx.udp_up[slot]
                 .pending
                 .lock()
@@ -409,13 +430,15 @@ async fn udp_upstream_reader(ctx: Arc<Ctx>, slot: usize) {
                 ctx.metrics.event(PROTOCOL, "upstream_late_or_stray_answer");
                 continue;
             };
-            let (reply, release) = ctx.finish(&e.query, &e.q, answer.to_vec(), Transport::Udp);
+            let (own, release) = ctx.finish(&e.query, &e.q, answer, Transport::Udp, now);
+            let reply = own.as_deref().unwrap_or(answer);
             match release {
-                Release::Now => ctx.udp_done_later(e, reply, &mut replies),
+                Release::Now => ctx.udp_done_later(e, reply, now, &mut replies),
                 // It taught IPs the agent does not have yet: it waits in a task of its own,
                 // the other answers of this batch and the next ones go on.
                 Release::Hold(ticket) => {
                     let ctx = ctx.clone();
+                    let reply = reply.to_vec();
                     tokio::spawn(async move {
                         ticket
                             .wait(ctx.opts.fqdn_max_hold, &e.q.question.name)
@@ -901,7 +924,7 @@ impl DnsListener {
                 }
                 continue;
             };
-            if let Some(reply) = ctx.udp_query(msg, peer).await
+            if let Some(reply) = ctx.udp_query(&msg, peer).await
                 && ctx.udp.send_to(&reply, peer).await.is_err()
             {
                 ctx.metrics.event(PROTOCOL, "udp_send_error");
@@ -953,15 +976,20 @@ async fn serve_udp(ctx: Arc<Ctx>) -> Result<()> {
                 continue;
             }
         };
+        let mut turn = Turn::new(&ctx);
         for i in 0..n {
             let (msg, peer) = rb.get(i);
             let Some(peer) = peer else {
                 ctx.metrics.event(PROTOCOL, "udp_receive_error");
                 continue;
             };
-            match ctx.udp_step(msg.to_vec(), peer) {
-                UdpStep::Reply(reply) => replies.push(reply, Some(peer)),
-                UdpStep::Upstream { slot, out } => upstream[slot].push(out, None),
+            match ctx.udp_step(&mut turn, msg, peer) {
+                UdpStep::Reply(reply) => {
+                    replies.push(&reply, Some(peer));
+                }
+                UdpStep::Upstream { slot, id } => {
+                    dns::set_message_id(upstream[slot].push(msg, None), id);
+                }
                 UdpStep::Nothing => {}
             }
         }
@@ -975,7 +1003,7 @@ async fn serve_udp(ctx: Arc<Ctx>) -> Result<()> {
                 .await;
             for out in failed {
                 if let Some((reply, client)) = ctx.upstream_send_failed(slot, &out) {
-                    replies.push(reply, Some(client));
+                    replies.push(&reply, Some(client));
                 }
             }
         }
@@ -1047,9 +1075,10 @@ impl Ctx {
         v.clone()
     }
 
-    fn source(&self, view: &View, ip: IpAddr) -> Arc<Source> {
+    /// The client at `ip`, and whether it may be remembered (an endpoint; see below).
+    fn source(&self, view: &View, ip: IpAddr) -> (Arc<Source>, bool) {
         if let Some(s) = view.sources.lock().ok().and_then(|c| c.get(&ip).cloned()) {
-            return s;
+            return (s, true);
         }
         let state = &view.state;
         let idx = state.endpoint_by_ip(ip);
@@ -1069,7 +1098,7 @@ impl Ctx {
             }
             c.insert(ip, s.clone());
         }
-        s
+        (s, idx.is_some())
     }
 
     fn destination(&self, view: &View) -> Remote {
@@ -1105,6 +1134,7 @@ impl Ctx {
     /// nothing when there is not even a header).
     fn judge(
         &self,
+        turn: &mut Turn,
         msg: &[u8],
         peer: SocketAddr,
         transport: Transport,
@@ -1114,8 +1144,17 @@ impl Ctx {
             tracing::debug!("DNS query from {peer}: {e}");
             dns::formerr(msg)
         })?;
-        let view = self.view();
-        let src = self.source(&view, peer.ip());
+        let view = turn.view.clone();
+        let src = match &turn.last_source {
+            Some((ip, s)) if *ip == peer.ip() => s.clone(),
+            _ => {
+                let (s, cacheable) = self.source(&view, peer.ip());
+                if cacheable {
+                    turn.last_source = Some((peer.ip(), s.clone()));
+                }
+                s
+            }
+        };
         let dst = self.destination(&view);
         let v = self.decide(&view, &src, &dst, transport, &q.question.name);
         Ok(Judged {
@@ -1129,11 +1168,13 @@ impl Ctx {
 
     /// A UDP query: the immediate reply (denied, malformed, shed), or `None` when it went
     /// upstream.
-    async fn udp_query(&self, msg: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        match self.udp_step(msg, peer) {
+    async fn udp_query(&self, msg: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
+        match self.udp_step(&mut Turn::new(self), msg, peer) {
             UdpStep::Reply(reply) => Some(reply),
             UdpStep::Nothing => None,
-            UdpStep::Upstream { slot, out } => {
+            UdpStep::Upstream { slot, id } => {
+                let mut out = msg.to_vec();
+                dns::set_message_id(&mut out, id);
                 if self.udp_up[slot].sock.send(&out).await.is_err() {
                     return self.upstream_send_failed(slot, &out).map(|(r, _)| r);
                 }
@@ -1160,20 +1201,20 @@ impl Ctx {
 
     /// Judge a UDP query and, when allowed, register it on an upstream socket: what to send
     /// where, or the immediate reply.
-    fn udp_step(&self, msg: Vec<u8>, peer: SocketAddr) -> UdpStep {
+    fn udp_step(&self, turn: &mut Turn, msg: &[u8], peer: SocketAddr) -> UdpStep {
         let Judged {
             q,
             view,
             src,
             dst,
             v,
-        } = match self.judge(&msg, peer, Transport::Udp) {
+        } = match self.judge(turn, msg, peer, Transport::Udp) {
             Ok(j) => j,
             Err(Some(reply)) => return UdpStep::Reply(reply),
             Err(None) => return UdpStep::Nothing,
         };
         if v.decision == Decision::Deny {
-            let reply = dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode);
+            let reply = dns::reply_with_rcode(msg, &q, self.opts.deny_rcode);
             self.audit(
                 &view.state,
                 &v,
@@ -1196,13 +1237,12 @@ impl Ctx {
         });
         let slot_idx = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.udp_up.len();
         let slot = &self.udp_up[slot_idx];
-        let mut out = msg.clone();
         let entry = InFlight {
             client: peer,
-            started: Instant::now(),
-            query: msg,
+            started: turn.now,
+            query: msg.to_vec(),
             q,
-            deadline: Instant::now() + self.opts.upstream_timeout,
+            deadline: turn.now + self.opts.upstream_timeout,
             audit,
         };
         let registered = slot.pending.lock().ok().map(|mut p| p.register(entry));
@@ -1217,17 +1257,14 @@ impl Ctx {
             }
             None => return UdpStep::Nothing,
         };
-        dns::set_message_id(&mut out, id);
-        UdpStep::Upstream {
-            slot: slot_idx,
-            out,
-        }
+        UdpStep::Upstream { slot: slot_idx, id }
     }
 
     /// [`Ctx::udp_done`] with the reply queued in `replies` (sent by [`Ctx::flush_replies`]).
-    fn udp_done_later(&self, e: InFlight, reply: Vec<u8>, replies: &mut SendBatch) {
-        self.finish_audit(&e, &reply);
-        self.metrics.observe_duration(PROTOCOL, e.started.elapsed());
+    fn udp_done_later(&self, e: InFlight, reply: &[u8], now: Instant, replies: &mut SendBatch) {
+        self.finish_audit(&e, reply);
+        self.metrics
+            .observe_duration(PROTOCOL, now.saturating_duration_since(e.started));
         replies.push(reply, Some(e.client));
     }
 
@@ -1277,7 +1314,7 @@ impl Ctx {
             src,
             dst,
             v,
-        } = match self.judge(&msg, peer, Transport::Tcp) {
+        } = match self.judge(&mut Turn::new(self), &msg, peer, Transport::Tcp) {
             Ok(j) => j,
             Err(reply) => return reply,
         };
@@ -1285,8 +1322,10 @@ impl Ctx {
             dns::reply_with_rcode(&msg, &q, self.opts.deny_rcode)
         } else {
             match self.tcp_up.exchange(&msg, self.opts.upstream_timeout).await {
-                Ok(answer) => {
-                    let (reply, release) = self.finish(&msg, &q, answer, Transport::Tcp);
+                Ok(mut answer) => {
+                    let (own, release) =
+                        self.finish(&msg, &q, &mut answer, Transport::Tcp, Instant::now());
+                    let reply = own.unwrap_or(answer);
                     if let Release::Hold(ticket) = release {
                         ticket.wait(self.opts.fqdn_max_hold, &q.question.name).await;
                     }
@@ -1322,31 +1361,31 @@ impl Ctx {
         Some(reply)
     }
 
-    /// The upstream's answer to `q`, checked, learned and sized for the client, with the
-    /// client's ID; and when it may be sent ([`Release::Hold`]: once the agent has its IPs).
+    /// The upstream's answer to `q`, checked, learned and sized for the client, and when it
+    /// may be sent ([`Release::Hold`]: once the agent has its IPs). The answer gets the
+    /// client's ID in place; the reply is that answer, or (`Some`) one made here instead
+    /// (SERVFAIL for a mismatch, a truncated reply for a client whose buffer is too small).
     fn finish(
         &self,
         msg: &[u8],
         q: &Query,
-        mut answer: Vec<u8>,
+        answer: &mut [u8],
         transport: Transport,
-    ) -> (Vec<u8>, Release) {
-        dns::set_message_id(&mut answer, q.header.id);
+        now: Instant,
+    ) -> (Option<Vec<u8>>, Release) {
+        dns::set_message_id(answer, q.header.id);
         let mut release = Release::Now;
-        match dns::parse_response(&answer) {
+        match dns::parse_response(answer) {
             Ok(r) => {
                 if r.question.as_ref() != Some(&q.question) && r.header.qdcount != 0 {
                     // Not an answer to what was asked: never forward (or learn) it.
                     self.metrics.event(PROTOCOL, "upstream_answer_mismatch");
-                    return (dns::reply_with_rcode(msg, q, rcode::SERVFAIL), Release::Now);
+                    let servfail = dns::reply_with_rcode(msg, q, rcode::SERVFAIL);
+                    return (Some(servfail), Release::Now);
                 }
                 // Learn before the client sees the answer: its first connection must match.
                 if let Some(l) = r.learned() {
-                    release = self
-                        .policy
-                        .load()
-                        .fqdn
-                        .learn(&l.name, &l.ips, l.ttl, Instant::now());
+                    release = self.policy.load().fqdn.learn(&l.name, &l.ips, l.ttl, now);
                 }
             }
             Err(_) => self.metrics.event(PROTOCOL, "upstream_malformed_answer"),
@@ -1356,9 +1395,9 @@ impl Ctx {
             self.metrics.event(PROTOCOL, "truncated_for_client");
             let mut tc = dns::reply_with_rcode(msg, q, rcode::NOERROR);
             tc[2] |= 0x02;
-            return (tc, release);
+            return (Some(tc), release);
         }
-        (answer, release)
+        (None, release)
     }
 
     #[allow(clippy::too_many_arguments, reason = "all of it is the record")]

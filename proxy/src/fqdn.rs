@@ -237,7 +237,13 @@ impl FqdnCache {
             };
             // The latest announcement among the answer's IPs the agent may not have yet.
             let mut need = 0;
-            let entries = g.by_name.entry(name.to_string()).or_default();
+            // A name already known (the common case: every answer renews it) costs no copy.
+            if !g.by_name.contains_key(name) {
+                g.by_name.insert(name.to_string(), Vec::new());
+            }
+            let Some(entries) = g.by_name.get_mut(name) else {
+                return Release::Now;
+            };
             for &ip in ips {
                 match entries.iter_mut().find(|e| e.ip == ip) {
                     Some(e) => {

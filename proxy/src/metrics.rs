@@ -262,7 +262,7 @@ impl Metrics {
             counter.inc();
             return;
         }
-        let mut key = (policy.to_string(), v.rule.clone().unwrap_or_default());
+        let mut key = (policy.to_string(), rule.to_string());
         if let Ok(mut seen) = self.rules_seen.lock()
             && !seen.contains(&key)
         {

@@ -455,7 +455,7 @@ mod tests {
             .evaluator
             .rules()
             .iter()
-            .map(|r| r.policy.id.name.clone())
+            .map(|r| r.policy.id.name.to_string())
             .collect();
         v.sort();
         v

@@ -49,20 +49,18 @@ impl RecvBatch {
 
     /// One non-blocking `recvmmsg`: how many datagrams arrived (`WouldBlock` when none).
     pub fn recv(&mut self, fd: &impl AsRawFd) -> io::Result<usize> {
-        let mut iovs: Vec<libc::iovec> = self
-            .bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: all-zero is a valid mmsghdr.
-        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; BATCH];
-        for (i, h) in hdrs.iter_mut().enumerate() {
+        // The headers live on the stack: a receive allocates nothing.
+        // SAFETY: all-zero is a valid iovec and mmsghdr.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        for (i, (h, iov)) in hdrs.iter_mut().zip(iovs.iter_mut()).enumerate() {
+            *iov = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: self.bufs[i].len(),
+            };
             h.msg_hdr.msg_name = (&raw mut self.addrs[i]).cast();
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &raw mut iovs[i];
+            h.msg_hdr.msg_iov = iov;
             h.msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: every header points at live buffers and addresses of the stated sizes.
@@ -97,18 +95,31 @@ impl RecvBatch {
         let addr = unsafe { crate::sockets::sockaddr_of(&self.addrs[i]) };
         (&self.bufs[i][..self.lens[i]], addr)
     }
+
+    /// Datagram `i` of the last receive, to edit in place (an answer gets its client's ID
+    /// back without a copy).
+    pub fn get_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.bufs[i][..self.lens[i]]
+    }
 }
 
 /// Datagrams waiting to go out in one `sendmmsg`: each with its destination, or none on a
-/// connected socket.
+/// connected socket. They are copied back to back into one buffer that is kept from batch to
+/// batch, so queueing a datagram allocates nothing once the batcher has warmed up.
 #[derive(Debug, Default)]
 pub struct SendBatch {
-    msgs: Vec<(Vec<u8>, Option<SockAddr>)>,
+    bytes: Vec<u8>,
+    msgs: Vec<(std::ops::Range<usize>, Option<SockAddr>)>,
 }
 
 impl SendBatch {
-    pub fn push(&mut self, msg: Vec<u8>, to: Option<SocketAddr>) {
-        self.msgs.push((msg, to.map(SockAddr::from)));
+    /// Queues a copy of `msg` and gives it back to be edited in place.
+    pub fn push(&mut self, msg: &[u8], to: Option<SocketAddr>) -> &mut [u8] {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(msg);
+        self.msgs
+            .push((start..self.bytes.len(), to.map(SockAddr::from)));
+        &mut self.bytes[start..]
     }
 
     pub fn is_empty(&self) -> bool {
@@ -128,9 +139,10 @@ impl SendBatch {
         let mut start = 0;
         while start < self.msgs.len() {
             let end = (start + BATCH).min(self.msgs.len());
-            let chunk = &mut self.msgs[start..end];
             let r = sock
-                .async_io(tokio::io::Interest::WRITABLE, || send_chunk(sock, chunk))
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    send_chunk(sock, &self.bytes, &self.msgs[start..end])
+                })
                 .await;
             match r {
                 Ok(n) if n > 0 => {
@@ -140,33 +152,40 @@ impl SendBatch {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The first datagram of the chunk cannot go: drop it and go on with the rest.
                 _ => {
-                    failed(&self.msgs[start].0);
+                    failed(&self.bytes[self.msgs[start].0.clone()]);
                     start += 1;
                 }
             }
         }
         self.msgs.clear();
+        self.bytes.clear();
         sent
     }
 }
 
-/// One non-blocking `sendmmsg` of `chunk`: how many datagrams the kernel took.
-fn send_chunk(fd: &impl AsRawFd, chunk: &mut [(Vec<u8>, Option<SockAddr>)]) -> io::Result<usize> {
-    let mut iovs: Vec<libc::iovec> = chunk
-        .iter_mut()
-        .map(|(m, _)| libc::iovec {
-            iov_base: m.as_mut_ptr().cast(),
-            iov_len: m.len(),
-        })
-        .collect();
-    // SAFETY: all-zero is a valid mmsghdr.
-    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
-    for (i, h) in hdrs.iter_mut().enumerate() {
-        if let Some(a) = &chunk[i].1 {
+/// One non-blocking `sendmmsg` of `chunk` (ranges of `bytes`): how many datagrams the kernel
+/// took.
+fn send_chunk(
+    fd: &impl AsRawFd,
+    bytes: &[u8],
+    chunk: &[(std::ops::Range<usize>, Option<SockAddr>)],
+) -> io::Result<usize> {
+    debug_assert!(chunk.len() <= BATCH);
+    // SAFETY: all-zero is a valid iovec and mmsghdr.
+    let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+    for ((h, iov), (range, to)) in hdrs.iter_mut().zip(iovs.iter_mut()).zip(chunk) {
+        let msg = &bytes[range.clone()];
+        *iov = libc::iovec {
+            // sendmmsg only reads the data.
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        if let Some(a) = to {
             h.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
             h.msg_hdr.msg_namelen = a.len();
         }
-        h.msg_hdr.msg_iov = &raw mut iovs[i];
+        h.msg_hdr.msg_iov = iov;
         h.msg_hdr.msg_iovlen = 1;
     }
     // SAFETY: every header points at live buffers and addresses of the stated sizes.
@@ -174,7 +193,7 @@ fn send_chunk(fd: &impl AsRawFd, chunk: &mut [(Vec<u8>, Option<SockAddr>)]) -> i
         libc::sendmmsg(
             fd.as_raw_fd(),
             hdrs.as_mut_ptr(),
-            hdrs.len() as libc::c_uint,
+            chunk.len() as libc::c_uint,
             libc::MSG_DONTWAIT,
         )
     };
@@ -196,7 +215,7 @@ mod tests {
         let mut out = SendBatch::default();
         for i in 0..40u8 {
             out.push(
-                vec![i; usize::from(i) * 100 + 1],
+                &vec![i; usize::from(i) * 100 + 1],
                 Some(b.local_addr().unwrap()),
             );
         }
@@ -238,13 +257,13 @@ mod tests {
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         a.connect(b.local_addr().unwrap()).await.unwrap();
         let mut out = SendBatch::default();
-        out.push(b"one".to_vec(), None);
-        out.push(b"two".to_vec(), None);
+        out.push(b"one", None);
+        out.push(b"two", None)[0] = b'T';
         assert_eq!(out.flush(&a, |_| panic!("refused")).await, 2);
         let mut buf = [0u8; 16];
         let (n, from) = b.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"one"[..], a.local_addr().unwrap()));
         let (n, _) = b.recv_from(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"two");
+        assert_eq!(&buf[..n], b"Two", "edited in place after queueing");
     }
 }
