@@ -134,6 +134,10 @@ pub struct ProxyArgs {
     /// DNS queries answered at once per listener; beyond it SERVFAIL (counted).
     #[arg(long, default_value_t = 10_000)]
     pub dns_max_in_flight: usize,
+    /// UDP receive loops per fixed DNS listener, each on its own socket of the listener's
+    /// address (SO_REUSEPORT). 0: one per core the process may run on.
+    #[arg(long, default_value_t = 0)]
+    pub dns_udp_loops: usize,
     /// Lowest TTL (seconds) a learned FQDN → IP mapping gets.
     #[arg(long, default_value_t = 0)]
     pub fqdn_min_ttl: u64,
@@ -181,6 +185,10 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         upstream_timeout: std::time::Duration::from_millis(args.dns_upstream_timeout_ms),
         max_in_flight: args.dns_max_in_flight,
         fqdn_max_hold: std::time::Duration::from_millis(args.fqdn_max_hold_ms),
+        udp_receive_loops: match args.dns_udp_loops {
+            0 => dns::default_udp_receive_loops(),
+            n => n,
+        },
         ..dns::DnsOptions::default()
     };
     let fqdn = Arc::new(fqdn::FqdnCache::new(fqdn::FqdnConfig {
@@ -266,8 +274,9 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
         )
         .await?;
         eprintln!(
-            "tollgate proxy: DNS {} (udp+tcp) -> {dest}@{upstream}",
-            l.local_addr()?
+            "tollgate proxy: DNS {} (udp+tcp, {} udp receive loops) -> {dest}@{upstream}",
+            l.local_addr()?,
+            l.udp_receive_loops()
         );
         tasks.push(tokio::spawn(l.serve()));
     }

@@ -524,6 +524,78 @@ async fn many_queries_pipelined_on_one_tcp_connection_are_all_answered() {
     }
 }
 
+/// A raw A query for `name` (wire form) with `id`.
+fn raw_query(id: u16, name: &[u8]) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(name);
+    q.extend_from_slice(&[0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_udp_receive_loops_share_the_address_and_every_one_answers_its_clients() {
+    let port = free_port();
+    let (_unbound, _d) = unbound(port);
+    let up: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DnsOptions {
+        udp_receive_loops: 4,
+        ..DnsOptions::default()
+    };
+    let p = start_proxy("127.0.0.1:0", up, opts).await;
+    // Four sockets on the listener's port, as the kernel sees them.
+    let hex_port = format!(":{:04X} ", p.addr.port());
+    let bound = std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(hex_port.trim()))
+        })
+        .count();
+    assert_eq!(bound, 4, "UDP sockets bound to {}", p.addr);
+    // 32 clients (source ports): the kernel spreads them over the four sockets by address and
+    // port, so a loop that did not serve would leave its clients unanswered.
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let c = tokio::net::UdpSocket::bind("127.0.0.10:0").await.unwrap();
+        c.connect(p.addr).await.unwrap();
+        clients.push(c);
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let id = i as u16 * 2;
+        c.send(&raw_query(id, b"\x03api\x07example\x03com\x00"))
+            .await
+            .unwrap();
+        c.send(&raw_query(id + 1, b"\x04evil\x07example\x03org\x00"))
+            .await
+            .unwrap();
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while got.len() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(3), c.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client {i}: no answer"))
+                .unwrap();
+            assert!(
+                n >= 12 && buf[2] & 0x80 != 0,
+                "client {i}: not a DNS response"
+            );
+            got.push((u16::from_be_bytes([buf[0], buf[1]]), buf[3] & 0x0f));
+        }
+        got.sort();
+        let id = i as u16 * 2;
+        assert_eq!(
+            got,
+            vec![(id, 0), (id + 1, 5)],
+            "client {i}: NOERROR, REFUSED"
+        );
+    }
+}
+
 /// Stands in for the agent's side of the `Fqdn` stream (on a Unix socket): acks every message
 /// `delay` after it arrives (never, with `None`) and counts messages and (name, IP) pairs.
 #[derive(Clone)]
