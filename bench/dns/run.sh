@@ -36,29 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# 999 patterns that never match the benchmark names, then the one that does.
-{
-  cat <<EOF
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: dns-bench, namespace: bench}
-spec:
-  endpointSelector: {matchLabels: {app: dnsperf}}
-  egress:
-  - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-    toPorts:
-    - ports: [{port: "53", protocol: UDP}]
-      rules:
-        dns:
-EOF
-  for i in $(seq 1 999); do echo "        - {matchPattern: \"*.svc$i.cluster$((i % 7)).example.com\"}"; done
-  echo '        - {matchPattern: "*.bench.test"}'
-} > "$WORK/policy.yaml"
-cat > "$WORK/endpoints.yaml" <<EOF
-endpoints:
-  - {name: dnsperf, namespace: bench, labels: {app: dnsperf}, ips: [127.0.0.1]}
-  - {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [127.0.0.53]}
-EOF
+bash bench/dns/write-policy.sh "$WORK"
 "$BIN" lint "$WORK/policy.yaml" >/dev/null
 
 bash "$PEERS/peer.sh" start unbound >/dev/null
@@ -72,11 +50,20 @@ for _ in $(seq 50); do dig +short +tries=1 +time=1 @127.0.0.1 -p "$PROXY_PORT" h
 [ "$(dig +short @127.0.0.1 -p $PROXY_PORT h0001.bench.test)" = 127.1.0.1 ] || { cat "$WORK/proxy.log"; echo "proxy probe failed" >&2; exit 1; }
 [ "$(dig @127.0.0.1 -p "$PROXY_PORT" +noall +comments h0001.other.test | grep -o "status: [A-Z]*")" = "status: REFUSED" ] || { echo "policy not applied" >&2; exit 1; }
 
-# target: direct | tollgate. Pins the pieces, runs dnsperf, prints "qps avg_ms lost".
+# CPU 0's busy and total jiffies (the load side: dnsperf, and unbound in the proxied runs).
+cpu0() { awk '/^cpu0 /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# PORT SUT_PID: runs dnsperf at full speed; prints "qps avg_ms sut_cpu_us_per_query
+# cpu0_busy_pct lost" (the system under test's CPU time per answered query, and how busy the
+# load side was: when it is near 100 % the run measured the load side, not the SUT).
 run_max() {
-  local port=$1 out=$WORK/out
+  local port=$1 pid=$2 out=$WORK/out
+  local t0 b0 c0 t1 b1 c1
+  read -r b0 t0 < <(cpu0); c0=$(cpu_ticks "$pid")
   taskset -c 0 dnsperf -s 127.0.0.1 -p "$port" -d "$CONF/dnsperf-queries.txt" -l "$DUR" -t 2 -c 8 -T 1 -q 200 >"$out" 2>&1
-  awk '/Queries per second/{q=$4} /Average Latency/{a=$4*1000} /Queries lost/{l=$3} END{printf "%.0f %.3f %s\n", q, a, l}' "$out"
+  read -r b1 t1 < <(cpu0); c1=$(cpu_ticks "$pid")
+  awk -v c=$((c1 - c0)) -v hz="$HZ" -v b=$((b1 - b0)) -v t=$((t1 - t0)) \
+    '/Queries completed/{n=$3} /Queries per second/{q=$4} /Average Latency/{a=$4*1000} /Queries lost/{l=$3}
+     END{printf "%.0f %.3f %.2f %.0f %s\n", q, a, c/hz*1e6/n, 100*b/t, l}' "$out"
 }
 # Fixed rate with per-query latencies: prints "qps p50_ms p99_ms lost".
 run_rate() {
@@ -100,8 +87,8 @@ pin_proxied() { taskset -a -pc 0 "$UNBOUND" >/dev/null; }
 
 declare -a D T DR TR
 for r in $(seq "$ROUNDS"); do
-  pin_direct;  D+=("$(run_max "$PORT_UNBOUND")")
-  pin_proxied; T+=("$(run_max "$PROXY_PORT")")
+  pin_direct;  D+=("$(run_max "$PORT_UNBOUND" "$UNBOUND")")
+  pin_proxied; T+=("$(run_max "$PROXY_PORT" "$PPID_TG")")
   pin_direct;  DR+=("$(run_rate "$PORT_UNBOUND")")
   pin_proxied; TR+=("$(run_rate "$PROXY_PORT")")
   echo "round $r: max direct [${D[-1]}] tollgate [${T[-1]}]; at $RATE qps direct [${DR[-1]}] tollgate [${TR[-1]}]" >&2
@@ -145,6 +132,8 @@ print(f"| dnsperf -c8 -q200, {n} rounds x {dur}s, median | direct (unbound) | to
 print("|---|---|---|---|")
 print(f"| max qps | {med(d,0):.0f} | {med(t,0):.0f} | {med(t,0)/med(d,0):.2f} |")
 print(f"| avg latency at max (ms) | {med(d,1):.3f} | {med(t,1):.3f} | |")
+print(f"| CPU of the system under test per query (us) | {med(d,2):.2f} | {med(t,2):.2f} | {med(d,2)/med(t,2):.2f} |")
+print(f"| load side (CPU 0) busy at max | {med(d,3):.0f} % | {med(t,3):.0f} % | |")
 print(f"| queries lost (all rounds) | {lost(d)} | {lost(t)} | |")
 print(f"| qps at -Q {rate} | {med(dr,0):.0f} | {med(tr,0):.0f} | |")
 print(f"| p50 at {rate} qps (ms) | {med(dr,1):.3f} | {med(tr,1):.3f} | +{med(tr,1)-med(dr,1):.3f} |")
