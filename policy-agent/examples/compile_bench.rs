@@ -10,7 +10,9 @@
 
 use std::time::Instant;
 
-use tollgate_agent::plan::{ProxyPorts, compile};
+use tollgate_agent::plan::{
+    FIRST_FQDN_IDENTITY, LearnedIp, PlanCache, ProxyPorts, compile, compile_local_cached,
+};
 use tollgate_policy::endpoints::Inventory;
 use tollgate_policy::eval::Evaluator;
 use tollgate_policy::load::PolicySet;
@@ -49,6 +51,12 @@ fn main() {
             8000 + i % 50,
             i % 7
         ));
+        if i % 100 == 0 {
+            // One policy in a hundred also lets its endpoint reach names by toFQDNs.
+            src.push_str(
+                "  egress:\n  - toFQDNs: [{matchPattern: \"*.example.com\"}]\n    toPorts:\n    - ports: [{port: \"443\", protocol: TCP}]\n",
+            );
+        }
     }
     let ports = ProxyPorts {
         l7: 15001,
@@ -74,4 +82,32 @@ fn main() {
         plan.ipcache.len(),
         max_rss_mib()
     );
+
+    // FQDN learning: the DNS proxy learns addresses one answer at a time; each learned batch is
+    // a new plan. With the plan cache, endpoints none of whose peers match the new address
+    // take it as a delta; the ones with a matching toFQDNs peer are compiled again.
+    let mut cache = PlanCache::default();
+    let local = |_: &tollgate_policy::endpoints::Endpoint| true;
+    compile_local_cached(&eval, &inv, ports, &[], &local, &mut cache);
+    let mut learned = Vec::new();
+    for (k, name) in ["www.example.com.", "cdn.example.net.", "api.example.com."]
+        .iter()
+        .enumerate()
+    {
+        learned.push(LearnedIp {
+            identity: FIRST_FQDN_IDENTITY + k as u32,
+            ip: format!("203.0.113.{}", k + 1).parse().expect("address"),
+            names: vec![name.to_string()],
+        });
+        let before = cache.recompiled;
+        let t = Instant::now();
+        let plan = compile_local_cached(&eval, &inv, ports, &learned, &local, &mut cache);
+        println!(
+            "learned {name} ({} addresses in all): plan in {:.1} ms, {} of {m} endpoints compiled again, {} policy entries",
+            learned.len(),
+            t.elapsed().as_secs_f64() * 1000.0,
+            cache.recompiled - before,
+            plan.policy.len()
+        );
+    }
 }

@@ -214,6 +214,9 @@ struct IngressL7 {
     from: Selected,
     ports: BTreeSet<u16>,
     cache: VerdictCache,
+    /// Unique over the cache's life: a new value whenever this identity's ingress is compiled
+    /// again, so endpoints can tell whether their redirects towards it are still right.
+    serial: u64,
 }
 
 type VerdictCache =
@@ -402,6 +405,7 @@ pub fn compile_local_cached(
         identity: identity::WORLD,
         remote: Remote::world(None, vec![]),
     });
+    let learned_from = known.len();
     for l in learned {
         if inv.by_ip(l.ip).is_some() {
             // toFQDNs never selects in-cluster addresses (cnp-semantics §3.4).
@@ -413,6 +417,7 @@ pub fn compile_local_cached(
             remote: Remote::world(Some(l.ip), l.names.clone()),
         });
     }
+    let learned_to = known.len();
     let cidrs = rule_cidrs(eval.rules());
     for (i, net) in cidrs.iter().enumerate() {
         let id = FIRST_CIDR_IDENTITY + i as u32;
@@ -441,19 +446,41 @@ pub fn compile_local_cached(
         .map(|(i, k)| (k.identity, i))
         .collect();
     // What every endpoint's entries depend on besides its own rules: the remote identities as
-    // the evaluator sees them, and the proxy ports. When they change nothing cached is kept.
-    let global = format!(
+    // the evaluator sees them, and the proxy ports. When the endpoints, host, world and CIDR
+    // identities or the ports change nothing cached is kept; when only FQDN-learned addresses
+    // came or went, each cached endpoint takes the change as a delta (below).
+    let base = format!(
         "{ports:?} {:?}",
-        known
+        known[..learned_from]
             .iter()
+            .chain(&known[learned_to..])
             .map(|k| (k.identity, &k.remote))
             .collect::<Vec<_>>()
     );
-    if cache.global.as_deref() != Some(global.as_str()) {
+    let now_learned: BTreeMap<u32, String> = known[learned_from..learned_to]
+        .iter()
+        .map(|k| (k.identity, format!("{:?}", k.remote)))
+        .collect();
+    if cache.global.as_deref() != Some(base.as_str()) {
         cache.endpoints.clear();
         cache.ingress.clear();
-        cache.global = Some(global);
+        cache.global = Some(base);
+    } else if cache.learned != now_learned {
+        let gone: Vec<u32> = cache
+            .learned
+            .iter()
+            .filter(|(id, r)| now_learned.get(id) != Some(r))
+            .map(|(id, _)| *id)
+            .collect();
+        let came: Vec<&Known> = known[learned_from..learned_to]
+            .iter()
+            .filter(|k| cache.learned.get(&k.identity) != now_learned.get(&k.identity))
+            .collect();
+        cache
+            .endpoints
+            .retain(|_, own| own.learned_changed(&gone, &came));
     }
+    cache.learned = now_learned;
 
     let mut ingress_l7: BTreeMap<u32, Arc<IngressL7>> = BTreeMap::new();
     let mut judged = std::collections::HashSet::new();
@@ -476,11 +503,15 @@ pub fn compile_local_cached(
             .filter(|dst| dst.from.unchanged(&local, &selecting));
         let dst = match kept {
             Some(dst) => dst,
-            None => Arc::new(IngressL7 {
-                from: Selected::new(&local, &selecting),
-                ports: l7_ports(selecting.iter().copied(), &named),
-                cache: Default::default(),
-            }),
+            None => {
+                cache.serials += 1;
+                Arc::new(IngressL7 {
+                    from: Selected::new(&local, &selecting),
+                    ports: l7_ports(selecting.iter().copied(), &named),
+                    cache: Default::default(),
+                    serial: cache.serials,
+                })
+            }
         };
         if !dst.ports.is_empty() {
             ingress_l7.insert(ep.identity, dst.clone());
@@ -488,6 +519,14 @@ pub fn compile_local_cached(
         cache.ingress.insert(ep.identity, dst);
     }
     cache.ingress.retain(|id, _| judged.contains(id));
+    // The redirects an endpoint makes towards destinations with ingress L7 rules depend on its
+    // own rules and on those destinations' (by serial): while neither changed they are kept.
+    let redirect_inputs: Vec<(u32, u64)> =
+        ingress_l7.iter().map(|(id, d)| (*id, d.serial)).collect();
+    if cache.redirect_inputs != redirect_inputs {
+        cache.redirect_epoch += 1;
+        cache.redirect_inputs = redirect_inputs;
+    }
 
     let mut seen = std::collections::HashSet::new();
 
@@ -524,37 +563,13 @@ pub fn compile_local_cached(
             let mut entries = own.entries[i].clone();
             if kdir == dp_dir::EGRESS {
                 // Redirect here what the destination's ingress L7 rules must see.
-                for (rid, dst) in &ingress_l7 {
-                    let Some(k) = known_by_id.get(rid).map(|i| &known[*i]) else {
-                        continue;
-                    };
-                    for port in &dst.ports {
-                        for p in [Protocol::Tcp, Protocol::Udp] {
-                            let mine = own
-                                .egress
-                                .entry((*port, p))
-                                .or_insert_with(|| {
-                                    Verdicts::new(
-                                        Box::new(Evaluator::port_policy_of(
-                                            &own.from.rules,
-                                            &local,
-                                            Direction::Egress,
-                                            *port,
-                                            p,
-                                        )),
-                                        ports,
-                                    )
-                                })
-                                .of(&k.remote);
-                            if mine.0 == verdict::DENY {
-                                continue;
-                            }
-                            let theirs = dst.verdicts(*port, p, ports).of(&me);
-                            if theirs.0 == verdict::REDIRECT {
-                                entries.insert((*rid, *port, proto_num(p)), theirs);
-                            }
-                        }
-                    }
+                if own.redirects.as_ref().map(|r| r.0) != Some(cache.redirect_epoch) {
+                    let list =
+                        redirects(own, &local, &me, &ingress_l7, &known_by_id, &known, ports);
+                    own.redirects = Some((cache.redirect_epoch, list));
+                }
+                if let Some((_, list)) = &own.redirects {
+                    entries.extend(list.iter().copied());
                 }
             }
             for ((remote_identity, port, protocol), (v, proxy_port)) in entries {
@@ -596,7 +611,16 @@ pub fn compile_local_cached(
 /// with ingress L7 rules are recomputed every time (they depend on the destination's rules).
 #[derive(Default)]
 pub struct PlanCache {
+    /// The last [`IngressL7::serial`] given out.
+    serials: u64,
+    /// Destinations with ingress L7 rules and their serials, and a counter bumped whenever
+    /// they change (endpoints keep redirects computed at the current epoch).
+    redirect_inputs: Vec<(u32, u64)>,
+    redirect_epoch: u64,
+    /// Ports and remote identities other than the FQDN-learned ones (`Debug`).
     global: Option<String>,
+    /// FQDN-learned identities and their remotes (`Debug`), to tell what came and went.
+    learned: BTreeMap<u32, String>,
     endpoints: std::collections::HashMap<(String, String), OwnPart>,
     /// Per identity: its ingress rules and port policies (the redirect checks' other side).
     ingress: std::collections::HashMap<u32, Arc<IngressL7>>,
@@ -618,6 +642,10 @@ impl std::fmt::Debug for PlanCache {
 /// One direction's policy entries of an endpoint: (remote identity, port, protocol) →
 /// (verdict, proxy port).
 type DirEntries = BTreeMap<(u32, u16, u8), (u8, u16)>;
+/// The same as a list.
+type EntryList = Vec<((u32, u16, u8), (u8, u16))>;
+/// (port, protocol) → (verdict, proxy port), for a remote not yet named.
+type PortEntries = Vec<((u16, u8), (u8, u16))>;
 
 /// One local endpoint's entries from its own rules, with the inputs they came from.
 struct OwnPart {
@@ -629,7 +657,104 @@ struct OwnPart {
     warnings: Vec<String>,
     /// This endpoint's egress port policies, built when a redirect check needs them.
     egress: std::collections::HashMap<(u16, Protocol), Verdicts<Box<PortPolicy>>>,
+    /// [ingress, egress] entries (port, protocol) → verdict of a remote that no peer of the
+    /// endpoint's rules matches: what a newly learned FQDN address gets here unless one of the
+    /// rules' peers (a `toFQDNs`, CIDR or entity peer) matches it. `None` when that is not
+    /// known to hold (a peer matches even the unmanaged probe, or the probe drew a warning).
+    unmatched: Option<[PortEntries; 2]>,
+    /// Egress redirects towards destinations with ingress L7 rules, and the
+    /// [`PlanCache::redirect_epoch`] they were computed at.
+    redirects: Option<(u64, EntryList)>,
 }
+
+/// The egress entries that send `me`'s flows to the proxy because a destination's ingress L7
+/// rules must see them: for each destination identity with ingress L7 ports, each port the
+/// endpoint's own egress does not deny and the destination redirects.
+fn redirects(
+    own: &mut OwnPart,
+    local: &Local<'_>,
+    me: &Remote,
+    ingress_l7: &BTreeMap<u32, Arc<IngressL7>>,
+    known_by_id: &std::collections::HashMap<u32, usize>,
+    known: &[Known],
+    ports: ProxyPorts,
+) -> EntryList {
+    let mut out = Vec::new();
+    for (rid, dst) in ingress_l7 {
+        let Some(k) = known_by_id.get(rid).map(|i| &known[*i]) else {
+            continue;
+        };
+        for port in &dst.ports {
+            for p in [Protocol::Tcp, Protocol::Udp] {
+                let mine = own
+                    .egress
+                    .entry((*port, p))
+                    .or_insert_with(|| {
+                        Verdicts::new(
+                            Box::new(Evaluator::port_policy_of(
+                                &own.from.rules,
+                                local,
+                                Direction::Egress,
+                                *port,
+                                p,
+                            )),
+                            ports,
+                        )
+                    })
+                    .of(&k.remote);
+                if mine.0 == verdict::DENY {
+                    continue;
+                }
+                let theirs = dst.verdicts(*port, p, ports).of(me);
+                if theirs.0 == verdict::REDIRECT {
+                    out.push(((*rid, *port, proto_num(p)), theirs));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl OwnPart {
+    /// Takes FQDN-learned identities that went (`gone`) and came (`came`) as a delta: their
+    /// entries removed, and the unmatched entries given to the new ones. `false` when the
+    /// endpoint must be compiled again instead (a peer of its rules matches a new remote).
+    fn learned_changed(&mut self, gone: &[u32], came: &[&Known]) -> bool {
+        let Some(unmatched) = &self.unmatched else {
+            return false;
+        };
+        if came
+            .iter()
+            .any(|k| any_peer_matches(&self.from.rules, &k.remote))
+        {
+            return false;
+        }
+        for (dir, entries) in self.entries.iter_mut().enumerate() {
+            if !gone.is_empty() {
+                entries.retain(|(id, _, _), _| !gone.contains(id));
+            }
+            for k in came {
+                for &((port, proto), v) in &unmatched[dir] {
+                    entries.insert((k.identity, port, proto), v);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Whether a peer of any of `rules`' items, in either direction, allow or deny, matches `r`.
+fn any_peer_matches<'a>(rules: impl IntoIterator<Item = &'a CompiledRule>, r: &Remote) -> bool {
+    rules.into_iter().any(|rule| {
+        [&rule.ingress, &rule.egress]
+            .iter()
+            .any(|d| d.allow.iter().chain(&d.deny).any(|e| e.peer.matches(r)))
+    })
+}
+
+/// The identity under which [`own_part`] computes its entries for a remote no peer matches
+/// (never a real identity: identities are allocated far below it).
+const PROBE_IDENTITY: u32 = u32::MAX;
 
 fn own_part(
     ep: &tollgate_policy::endpoints::Endpoint,
@@ -644,6 +769,14 @@ fn own_part(
     let mut warnings = Vec::new();
     let mut flags = 0;
     let mut out: [DirEntries; 2] = Default::default();
+    // The remotes plus a probe no peer matches, whose entries become `unmatched`.
+    let probe = Known {
+        identity: PROBE_IDENTITY,
+        remote: Remote::reserved(RemoteKind::Unmanaged),
+    };
+    debug_assert!(known.iter().all(|k| k.identity != PROBE_IDENTITY));
+    let with_probe: Vec<&Known> = known.iter().chain(std::iter::once(&probe)).collect();
+    let mut probe_warned = false;
     for (i, dir, flag) in [
         (0, Direction::Ingress, endpoint_flags::ENFORCE_INGRESS),
         (1, Direction::Egress, endpoint_flags::ENFORCE_EGRESS),
@@ -672,11 +805,14 @@ fn own_part(
             Verdicts::new(&pp_other[0], ports),
             Verdicts::new(&pp_other[1], ports),
         ];
-        for k in known {
+        for k in &with_probe {
             let tcp = other_v[0].of(&k.remote);
             let udp = other_v[1].of(&k.remote);
             let v = if tcp == udp {
                 tcp
+            } else if k.identity == PROBE_IDENTITY {
+                probe_warned = true;
+                if tcp.0 == verdict::DENY { tcp } else { udp }
             } else {
                 warnings.push(format!(
                     "{who} {dir:?}: identity {}: TCP and UDP differ on unnamed ports; the \
@@ -694,7 +830,7 @@ fn own_part(
             for p in [Protocol::Tcp, Protocol::Udp] {
                 let pp = port_policy(dir, *port, p);
                 let vs = Verdicts::new(&pp, ports);
-                for k in known {
+                for k in &with_probe {
                     let v = vs.of(&k.remote);
                     let wildcard = any_port.get(&k.identity).copied().unwrap_or(default);
                     if v.0 != wildcard || v.0 == verdict::REDIRECT {
@@ -704,6 +840,19 @@ fn own_part(
             }
         }
     }
+    let mut unmatched: [PortEntries; 2] = Default::default();
+    for (entries, probe_entries) in out.iter_mut().zip(&mut unmatched) {
+        let keys: Vec<_> = entries
+            .range((PROBE_IDENTITY, 0, 0)..)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(v) = entries.remove(&k) {
+                probe_entries.push(((k.1, k.2), v));
+            }
+        }
+    }
+    let probe_matched = any_peer_matches(selecting.iter().copied(), &probe.remote);
     OwnPart {
         identity: ep.identity,
         from: Selected::new(local, selecting),
@@ -711,6 +860,8 @@ fn own_part(
         flags,
         warnings,
         egress: Default::default(),
+        unmatched: (!probe_warned && !probe_matched).then_some(unmatched),
+        redirects: None,
     }
 }
 
@@ -1056,6 +1207,101 @@ spec:
                 }
             }
         }
+    }
+
+    /// FQDN-learned addresses coming and going: each cached endpoint takes them as a delta
+    /// unless a peer of its rules (here the intruder's `toFQDNs`, the frontend's CIDR) matches
+    /// a new one; the plan is the same as a fresh compile at every step.
+    #[test]
+    fn learned_addresses_recompile_only_the_endpoints_whose_peers_match_them() {
+        let fqdn_egress = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: intruder, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: intruder}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+---
+# Audit mode: every remote none of its peers matches gets an audit entry on kube-dns's
+# egress, so the delta must give learned addresses entries of their own.
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  annotations: {tollgate.io/enforcement: audit}
+spec:
+  endpointSelector: {matchLabels: {k8s-app: kube-dns}}
+  egress:
+  - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: prod, app: api}}]
+"#;
+        let mut set = PolicySet::default();
+        set.load_str("p.yaml", POLICY);
+        set.load_str("intruder.yaml", fqdn_egress);
+        assert!(set.diagnostics.is_empty(), "{:?}", set.diagnostics);
+        let eval = Evaluator::new(set.rules);
+        let inv = Inventory::from_yaml(INVENTORY).unwrap();
+        let local = |_: &tollgate_policy::endpoints::Endpoint| true;
+        let learned = |id: u32, ip: &str, name: &str| LearnedIp {
+            identity: FIRST_FQDN_IDENTITY + id,
+            ip: ip.parse().unwrap(),
+            names: vec![name.to_string()],
+        };
+        let api = learned(1, "203.0.113.5", "api.example.com.");
+        let cdn = learned(2, "192.0.2.7", "cdn.example.net.");
+        let cdn_renamed = learned(2, "192.0.2.7", "api.example.com.");
+        let steps: Vec<(&str, Vec<LearnedIp>, u64)> = vec![
+            ("nothing learned", vec![], 4),
+            // Only the intruder's toFQDNs peer matches the name.
+            ("api learned", vec![api.clone()], 1),
+            // Only the frontend's CIDR peer (192.0.2.0/24) covers the address.
+            ("cdn learned", vec![api.clone(), cdn.clone()], 1),
+            // Removal is exact for everybody: the identity's entries go.
+            ("api expired", vec![cdn.clone()], 0),
+            // The same identity under a name the intruder allows: both peers match now.
+            ("cdn renamed", vec![cdn_renamed], 2),
+            ("all expired", vec![], 0),
+        ];
+        let mut cache = PlanCache::default();
+        let mut seen_fqdn_entry = false;
+        for (what, learned, want) in steps {
+            let before = cache.recompiled;
+            let cached = compile_local_cached(&eval, &inv, PORTS, &learned, &local, &mut cache);
+            let fresh = compile_local(&eval, &inv, PORTS, &learned, &local);
+            assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "{what}");
+            assert_eq!(
+                cache.recompiled - before,
+                want,
+                "{what}: endpoints recompiled"
+            );
+            seen_fqdn_entry |= cached
+                .policy
+                .iter()
+                .any(|e| e.key.remote_identity == FIRST_FQDN_IDENTITY + 1 && e.key.port == 443);
+        }
+        assert!(
+            seen_fqdn_entry,
+            "the intruder's allow towards the learned address reached the plan"
+        );
+        // The audit entry a learned address gets without any peer matching it.
+        let with_cdn = compile_local_cached(&eval, &inv, PORTS, &[cdn], &local, &mut cache);
+        let dns_id = with_cdn
+            .endpoints
+            .iter()
+            .find(|e| e.name == "kube-dns")
+            .unwrap();
+        assert!(
+            with_cdn
+                .policy
+                .iter()
+                .any(|e| e.key.endpoint_id == dns_id.info.endpoint_id
+                    && e.key.remote_identity == FIRST_FQDN_IDENTITY + 2
+                    && e.value.verdict == verdict::AUDIT),
+            "{with_cdn:?}"
+        );
     }
 
     #[test]
