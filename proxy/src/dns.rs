@@ -343,8 +343,8 @@ struct InFlight {
 enum UdpStep {
     /// Answered here (denied, malformed, shed).
     Reply(Vec<u8>),
-    /// Registered on upstream socket `slot` under `id`: the query goes out with that ID.
-    Upstream { slot: usize, id: u16 },
+    /// Registered on the batch's upstream socket under `id`: the query goes out with that ID.
+    Upstream { id: u16 },
     /// Dropped (not even a DNS header).
     Nothing,
 }
@@ -928,14 +928,33 @@ impl DnsListener {
         }
     }
 
+    /// The transparent UDP receive loop, batched like [`serve_udp`]: one `recvmmsg` takes what
+    /// is queued, each datagram goes to the context of its original destination, and each
+    /// destination's forwarded queries and replies leave in one `sendmmsg` each.
     async fn serve_transparent_udp(&self, udp: &UdpSocket) -> Result<()> {
-        let mut buf = vec![0u8; 65_535];
+        let Mode::Transparent { shared, .. } = &self.mode else {
+            return Ok(());
+        };
+        let mut rb = RecvBatch::new();
+        // Per destination seen by this loop: its context and outbox (the contexts live as long
+        // as the listener, so this only saves the shared map's lock per datagram).
+        let mut dests: HashMap<SocketAddr, (Arc<Ctx>, Outbox)> = HashMap::new();
         let (mut received, mut drops_seen) = (0u64, 0u64);
         loop {
-            received += 1;
-            if received.is_multiple_of(4096)
-                && let (Some(now), Mode::Transparent { shared, .. }) =
-                    (sockets::kernel_drops(udp), &self.mode)
+            let n = match udp
+                .async_io(tokio::io::Interest::READABLE, || rb.recv(udp))
+                .await
+            {
+                Ok(n) => n,
+                Err(_) => {
+                    shared.metrics.event(PROTOCOL, "udp_receive_error");
+                    continue;
+                }
+            };
+            let before = received;
+            received += n as u64;
+            if before / 4096 != received / 4096
+                && let Some(now) = sockets::kernel_drops(udp)
                 && now > drops_seen
             {
                 shared
@@ -943,32 +962,43 @@ impl DnsListener {
                     .events_n(PROTOCOL, "kernel_drops_client_socket", now - drops_seen);
                 drops_seen = now;
             }
-            let got = udp
-                .async_io(tokio::io::Interest::READABLE, || {
-                    sockets::recv_with_orig_dst(udp, &mut buf)
-                })
-                .await;
-            let (n, peer, orig) = match got {
-                Ok((n, peer, Some(orig))) => (n, peer, orig),
-                Ok(_) | Err(_) => {
-                    if let Mode::Transparent { shared, .. } = &self.mode {
-                        shared.metrics.event(PROTOCOL, "udp_receive_error");
-                    }
+            // This batch's destinations, in the order first seen, each with its turn.
+            let mut turns: Vec<(SocketAddr, Turn)> = Vec::new();
+            for i in 0..n {
+                let (msg, peer) = rb.get(i);
+                let (Some(peer), Some(orig)) = (peer, rb.orig_dst(i)) else {
+                    shared.metrics.event(PROTOCOL, "udp_receive_error");
                     continue;
+                };
+                let (ctx, out) = match dests.entry(orig) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        match self.ctx_for(orig).await {
+                            Some(ctx) => e.insert((ctx, Outbox::default())),
+                            None => {
+                                if let Ok(q) = dns::parse_query(msg) {
+                                    let reply = dns::reply_with_rcode(msg, &q, rcode::SERVFAIL);
+                                    let _ = udp.try_send_to(&reply, peer);
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let turn = match turns.iter().position(|(o, _)| *o == orig) {
+                    Some(t) => &mut turns[t].1,
+                    None => {
+                        turns.push((orig, Turn::new(ctx)));
+                        &mut turns.last_mut().expect("just pushed").1
+                    }
+                };
+                ctx.take_query(turn, out, msg, peer);
+            }
+            for (orig, turn) in &turns {
+                if let Some((ctx, out)) = dests.get_mut(orig) {
+                    let ctx = ctx.clone();
+                    ctx.send_out(turn, out, &ctx.udp).await;
                 }
-            };
-            let msg = buf[..n].to_vec();
-            let Some(ctx) = self.ctx_for(orig).await else {
-                if let Ok(q) = dns::parse_query(&msg) {
-                    let _ =
-                        udp.try_send_to(&dns::reply_with_rcode(&msg, &q, rcode::SERVFAIL), peer);
-                }
-                continue;
-            };
-            if let Some(reply) = ctx.udp_query(&msg, peer).await
-                && ctx.udp.send_to(&reply, peer).await.is_err()
-            {
-                ctx.metrics.event(PROTOCOL, "udp_send_error");
             }
         }
     }
@@ -1027,8 +1057,7 @@ fn bind_udp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
 /// listener still answers each query as it comes: a receive never waits for a batch).
 async fn serve_udp(ctx: Arc<Ctx>, udp: Arc<UdpSocket>) -> Result<()> {
     let mut rb = RecvBatch::new();
-    let mut replies = SendBatch::default();
-    let mut upstream: Vec<SendBatch> = ctx.udp_up.iter().map(|_| SendBatch::default()).collect();
+    let mut out = Outbox::default();
     let udp = &*udp;
     loop {
         let n = match udp
@@ -1048,32 +1077,18 @@ async fn serve_udp(ctx: Arc<Ctx>, udp: Arc<UdpSocket>) -> Result<()> {
                 ctx.metrics.event(PROTOCOL, "udp_receive_error");
                 continue;
             };
-            match ctx.udp_step(&mut turn, msg, peer) {
-                UdpStep::Reply(reply) => {
-                    replies.push(&reply, Some(peer));
-                }
-                UdpStep::Upstream { slot, id } => {
-                    dns::set_message_id(upstream[slot].push(msg, None), id);
-                }
-                UdpStep::Nothing => {}
-            }
+            ctx.take_query(&mut turn, &mut out, msg, peer);
         }
-        for (slot, batch) in upstream.iter_mut().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            let mut failed = Vec::new();
-            batch
-                .flush(&ctx.udp_up[slot].sock, |out| failed.push(out.to_vec()))
-                .await;
-            for out in failed {
-                if let Some((reply, client)) = ctx.upstream_send_failed(slot, &out) {
-                    replies.push(&reply, Some(client));
-                }
-            }
-        }
-        ctx.flush_replies(udp, &mut replies).await;
+        ctx.send_out(&turn, &mut out, udp).await;
     }
+}
+
+/// What one receive makes a destination send: the forwarded queries (all on the batch's
+/// upstream socket) and the immediate replies. Kept from batch to batch: the buffers stay.
+#[derive(Debug, Default)]
+struct Outbox {
+    upstream: SendBatch,
+    replies: SendBatch,
 }
 
 /// One client TCP connection: queries are read as they come and answered concurrently, each
@@ -1231,21 +1246,35 @@ impl Ctx {
         })
     }
 
-    /// A UDP query: the immediate reply (denied, malformed, shed), or `None` when it went
-    /// upstream.
-    async fn udp_query(&self, msg: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
-        match self.udp_step(&mut Turn::new(self), msg, peer) {
-            UdpStep::Reply(reply) => Some(reply),
-            UdpStep::Nothing => None,
-            UdpStep::Upstream { slot, id } => {
-                let mut out = msg.to_vec();
-                dns::set_message_id(&mut out, id);
-                if self.udp_up[slot].sock.send(&out).await.is_err() {
-                    return self.upstream_send_failed(slot, &out).map(|(r, _)| r);
+    /// Judges a UDP query and queues what it leads to: the query to the batch's upstream
+    /// socket, or the immediate reply (denied, malformed, shed).
+    fn take_query(&self, turn: &mut Turn, out: &mut Outbox, msg: &[u8], peer: SocketAddr) {
+        match self.udp_step(turn, msg, peer) {
+            UdpStep::Reply(reply) => {
+                out.replies.push(&reply, Some(peer));
+            }
+            UdpStep::Upstream { id } => {
+                dns::set_message_id(out.upstream.push(msg, None), id);
+            }
+            UdpStep::Nothing => {}
+        }
+    }
+
+    /// Sends what `out` holds: the queries on `turn`'s upstream socket (one the kernel refuses
+    /// is answered SERVFAIL), then the replies from `reply_from`.
+    async fn send_out(&self, turn: &Turn, out: &mut Outbox, reply_from: &UdpSocket) {
+        if !out.upstream.is_empty() {
+            let mut failed = Vec::new();
+            out.upstream
+                .flush(&self.udp_up[turn.slot].sock, |q| failed.push(q.to_vec()))
+                .await;
+            for q in failed {
+                if let Some((reply, client)) = self.upstream_send_failed(turn.slot, &q) {
+                    out.replies.push(&reply, Some(client));
                 }
-                None
             }
         }
+        self.flush_replies(reply_from, &mut out.replies).await;
     }
 
     /// A query that could not be sent upstream: its entry is removed and its client gets
@@ -1322,7 +1351,7 @@ impl Ctx {
             }
             None => return UdpStep::Nothing,
         };
-        UdpStep::Upstream { slot: slot_idx, id }
+        UdpStep::Upstream { id }
     }
 
     /// [`Ctx::udp_done`] with the reply queued in `replies` (sent by [`Ctx::flush_replies`]).

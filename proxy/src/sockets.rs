@@ -51,37 +51,18 @@ pub fn transparent(addr: SocketAddr, ty: Type, orig_dst: bool) -> io::Result<Soc
     Ok(sock)
 }
 
-/// One `recvmsg`: bytes, source, and the original destination (`None` when the kernel gave
-/// none, i.e. the datagram was addressed to the socket itself).
-pub fn recv_with_orig_dst(
-    fd: &impl AsRawFd,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
-    let mut control = [0u8; 128];
-    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
-    let mut src: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_name = (&raw mut src).cast();
-    msg.msg_namelen = mem::size_of_val(&src) as libc::socklen_t;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
-    // SAFETY: every pointer in `msg` points at live buffers of the stated sizes.
-    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// The original destination in the control messages of a received `msg` (`IP_ORIGDSTADDR` /
+/// `IPV6_ORIGDSTADDR`, present on a transparent socket for redirected datagrams).
+///
+/// # Safety
+/// `msg.msg_control` must point at the control buffer the kernel filled, `msg_controllen`
+/// long.
+pub unsafe fn orig_dst_of(msg: &libc::msghdr) -> Option<SocketAddr> {
     let mut orig = None;
     // SAFETY: walking the control buffer the kernel filled, with the libc macros; the data of
     // an ORIGDSTADDR message is a sockaddr_in / sockaddr_in6.
     unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        let mut c = libc::CMSG_FIRSTHDR(msg);
         while !c.is_null() {
             let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
             if (level == libc::SOL_IP && ty == libc::IP_ORIGDSTADDR)
@@ -89,13 +70,10 @@ pub fn recv_with_orig_dst(
             {
                 orig = sockaddr(libc::CMSG_DATA(c).cast());
             }
-            c = libc::CMSG_NXTHDR(&raw const msg, c);
+            c = libc::CMSG_NXTHDR(msg, c);
         }
     }
-    // SAFETY: the kernel filled `src`.
-    let src = unsafe { sockaddr((&raw const src).cast()) }
-        .ok_or_else(|| io::Error::other("datagram without an IP source"))?;
-    Ok((n as usize, src, orig))
+    orig
 }
 
 /// # Safety

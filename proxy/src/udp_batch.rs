@@ -19,8 +19,16 @@ pub struct RecvBatch {
     bufs: Vec<Box<[u8]>>,
     addrs: Vec<libc::sockaddr_storage>,
     lens: Vec<usize>,
+    /// Control-message room per datagram, and the original destination found there (a
+    /// transparent socket's redirected datagrams carry one).
+    controls: Vec<[u64; CONTROL_WORDS]>,
+    origs: Vec<Option<SocketAddr>>,
     n: usize,
 }
+
+/// Control buffer per datagram, in 8-byte words (aligned for `cmsghdr`): room for an
+/// `IPV6_ORIGDSTADDR` message and then some.
+const CONTROL_WORDS: usize = 16;
 
 impl Default for RecvBatch {
     fn default() -> Self {
@@ -43,6 +51,8 @@ impl RecvBatch {
             // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { mem::zeroed() }; BATCH],
             lens: vec![0; BATCH],
+            controls: vec![[0; CONTROL_WORDS]; BATCH],
+            origs: vec![None; BATCH],
             n: 0,
         }
     }
@@ -62,6 +72,8 @@ impl RecvBatch {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = iov;
             h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = mem::size_of::<[u64; CONTROL_WORDS]>();
         }
         // SAFETY: every header points at live buffers and addresses of the stated sizes.
         let n = unsafe {
@@ -84,6 +96,9 @@ impl RecvBatch {
             if h.msg_hdr.msg_namelen == 0 {
                 self.addrs[i].ss_family = libc::AF_UNSPEC as libc::sa_family_t;
             }
+            // SAFETY: the kernel filled this header's control buffer (`msg_controllen` now
+            // says how much of it).
+            self.origs[i] = unsafe { crate::sockets::orig_dst_of(&h.msg_hdr) };
         }
         Ok(self.n)
     }
@@ -94,6 +109,12 @@ impl RecvBatch {
         // SAFETY: the kernel filled the address (or it is AF_UNSPEC / zeroed).
         let addr = unsafe { crate::sockets::sockaddr_of(&self.addrs[i]) };
         (&self.bufs[i][..self.lens[i]], addr)
+    }
+
+    /// The original destination of datagram `i` (a transparent socket's redirected datagram),
+    /// `None` for one addressed to the socket itself.
+    pub fn orig_dst(&self, i: usize) -> Option<SocketAddr> {
+        self.origs[i]
     }
 
     /// Datagram `i` of the last receive, to edit in place (an answer gets its client's ID
