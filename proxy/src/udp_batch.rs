@@ -250,6 +250,11 @@ mod tests {
                 Ok(n) => {
                     assert!(n <= BATCH);
                     for i in 0..n {
+                        assert_eq!(
+                            rb.orig_dst(i),
+                            None,
+                            "not redirected: no original destination"
+                        );
                         let (m, from) = rb.get(i);
                         got.push((m.to_vec(), from.unwrap()));
                     }
