@@ -840,18 +840,14 @@ fn own_part(
             }
         }
     }
-    let mut unmatched: [PortEntries; 2] = Default::default();
-    for (entries, probe_entries) in out.iter_mut().zip(&mut unmatched) {
-        let keys: Vec<_> = entries
-            .range((PROBE_IDENTITY, 0, 0)..)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in keys {
-            if let Some(v) = entries.remove(&k) {
-                probe_entries.push(((k.1, k.2), v));
-            }
-        }
-    }
+    // The probe sorts last: its entries are the tail of each direction's map.
+    let unmatched: [PortEntries; 2] = out.each_mut().map(|entries| {
+        entries
+            .split_off(&(PROBE_IDENTITY, 0, 0))
+            .into_iter()
+            .map(|((_, port, proto), v)| ((port, proto), v))
+            .collect()
+    });
     let probe_matched = any_peer_matches(selecting.iter().copied(), &probe.remote);
     OwnPart {
         identity: ep.identity,

@@ -941,16 +941,7 @@ impl DnsListener {
         let mut dests: HashMap<SocketAddr, (Arc<Ctx>, Outbox)> = HashMap::new();
         let (mut received, mut drops_seen) = (0u64, 0u64);
         loop {
-            let n = match udp
-                .async_io(tokio::io::Interest::READABLE, || rb.recv(udp))
-                .await
-            {
-                Ok(n) => n,
-                Err(_) => {
-                    shared.metrics.event(PROTOCOL, "udp_receive_error");
-                    continue;
-                }
-            };
+            let n = receive_queries(udp, &mut rb, &shared.metrics).await;
             let before = received;
             received += n as u64;
             if before / 4096 != received / 4096
@@ -1052,24 +1043,16 @@ fn bind_udp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
 /// (allowed) right here; answers come back through [`udp_upstream_reader`].
 ///
 /// Under load one `recvmmsg` takes every queued query (up to [`crate::udp_batch::BATCH`]); the
-/// forwarded ones leave in one `sendmmsg` per upstream socket and the immediate replies in one
-/// `sendmmsg`, so the system calls per query fall from four to a fraction when busy (an idle
-/// listener still answers each query as it comes: a receive never waits for a batch).
+/// forwarded ones leave in one `sendmmsg` on the batch's upstream socket and the immediate
+/// replies in one `sendmmsg`, so the system calls per query fall from four to a fraction when
+/// busy (an idle listener still answers each query as it comes: a receive never waits for a
+/// batch).
 async fn serve_udp(ctx: Arc<Ctx>, udp: Arc<UdpSocket>) -> Result<()> {
     let mut rb = RecvBatch::new();
     let mut out = Outbox::default();
     let udp = &*udp;
     loop {
-        let n = match udp
-            .async_io(tokio::io::Interest::READABLE, || rb.recv(udp))
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => {
-                ctx.metrics.event(PROTOCOL, "udp_receive_error");
-                continue;
-            }
-        };
+        let n = receive_queries(udp, &mut rb, &ctx.metrics).await;
         let mut turn = Turn::new(&ctx);
         for i in 0..n {
             let (msg, peer) = rb.get(i);
@@ -1080,6 +1063,20 @@ async fn serve_udp(ctx: Arc<Ctx>, udp: Arc<UdpSocket>) -> Result<()> {
             ctx.take_query(&mut turn, &mut out, msg, peer);
         }
         ctx.send_out(&turn, &mut out, udp).await;
+    }
+}
+
+/// Waits for the next batch of queries on a listener's socket: how many arrived (at least
+/// one). A failed receive is counted and the wait goes on.
+async fn receive_queries(udp: &UdpSocket, rb: &mut RecvBatch, metrics: &Metrics) -> usize {
+    loop {
+        match udp
+            .async_io(tokio::io::Interest::READABLE, || rb.recv(udp))
+            .await
+        {
+            Ok(n) => return n,
+            Err(_) => metrics.event(PROTOCOL, "udp_receive_error"),
+        }
     }
 }
 
@@ -1329,8 +1326,7 @@ impl Ctx {
                 state: view.state.clone(),
             })
         });
-        let slot_idx = turn.slot;
-        let slot = &self.udp_up[slot_idx];
+        let slot = &self.udp_up[turn.slot];
         let entry = InFlight {
             client: peer,
             started: turn.now,
